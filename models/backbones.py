@@ -1,0 +1,92 @@
+"""The backbones PYRA adapts, their default PEFT width and their merging schedules (facts §3-4).
+
+One table, so that model creation, config validation and the VTAB configs agree on names,
+depths and the per-layer ``r`` lists of the paper's "low" and "high" settings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+__all__ = ["BackboneSpec", "BACKBONES", "SCHEDULES", "get_backbone", "named_schedule"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one named backbone with timm and what it defaults to."""
+
+    timm_name: str            # timm architecture (built with pretrained=False; weights come from a file)
+    depth: int
+    embed_dim: int
+    num_heads: int
+    peft_dim: int             # LoRA rank / Adapter width used by the paper for this backbone
+    schedule: str             # key into SCHEDULES
+    checkpoint: str           # file name expected under weight/ (see weight/README.md)
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+# Schedules of the official code (facts §4). ViT-S reuses ViT-B's, DeiT-S reuses DeiT-B's and MAE the
+# ViT of its size, as the paper's code has none of its own for them.
+SCHEDULES: Dict[str, Dict[str, List[int]]] = {
+    "vit_base": {
+        "low": [16] * 11 + [10],
+        "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3],
+    },
+    "vit_large": {
+        "low": [8] * 23 + [6],
+        "high": [20, 19, 18, 17, 15, 13, 13, 12, 10, 9, 8, 6, 6, 4, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1],
+    },
+    "deit_base": {
+        "low": [16] * 6 + [10] * 6,
+        "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3],
+    },
+}
+
+_MAE = {"global_pool": "avg"}
+
+BACKBONES: Dict[str, BackboneSpec] = {
+    "vit_small_patch16_224_in21k": BackboneSpec(
+        "vit_small_patch16_224", 12, 384, 6, 4, "vit_base", "ViT-S_16.npz"),
+    "vit_base_patch16_224_in21k": BackboneSpec(
+        "vit_base_patch16_224", 12, 768, 12, 8, "vit_base", "ViT-B_16.npz"),
+    "vit_large_patch16_224_in21k": BackboneSpec(
+        "vit_large_patch16_224", 24, 1024, 16, 12, "vit_large", "ViT-L_16.npz"),
+    "deit_small_distilled_patch16_224": BackboneSpec(
+        "deit_small_distilled_patch16_224", 12, 384, 6, 4, "deit_base",
+        "deit_small_distilled_patch16_224-649709d9.pth"),
+    "deit_base_distilled_patch16_224": BackboneSpec(
+        "deit_base_distilled_patch16_224", 12, 768, 12, 8, "deit_base",
+        "deit_base_distilled_patch16_224-df68dfff.pth"),
+    "mae_vit_base_patch16": BackboneSpec(
+        "vit_base_patch16_224", 12, 768, 12, 8, "vit_base", "mae_pretrain_vit_base.pth", _MAE),
+    "mae_vit_large_patch16": BackboneSpec(
+        "vit_large_patch16_224", 24, 1024, 16, 12, "vit_large", "mae_pretrain_vit_large.pth", _MAE),
+}
+
+# A custom ViT ("vit" with explicit sizes) uses the schedule family of its depth, if there is one.
+_SCHEDULE_BY_DEPTH = {12: "vit_base", 24: "vit_large"}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """The spec of a named backbone; a clear error listing the valid names otherwise."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        valid = ", ".join(sorted(BACKBONES) + ["vit"])
+        raise ValueError(f"unknown backbone {name!r}; expected one of: {valid}") from None
+
+
+def named_schedule(schedule: str, backbone: str, depth: Optional[int] = None) -> List[int]:
+    """The per-layer r list of ``"low"``/``"high"`` for a backbone (or a custom "vit" of ``depth``)."""
+    if backbone == "vit":
+        family = _SCHEDULE_BY_DEPTH.get(depth)
+        if family is None:
+            raise ValueError(
+                f"merging schedule {schedule!r} is defined for depth 12 or 24, not a custom depth of "
+                f"{depth}; give merging as an int, (r, inflection) or a per-layer list")
+    else:
+        family = get_backbone(backbone).schedule
+    try:
+        return list(SCHEDULES[family][schedule])
+    except KeyError:
+        raise ValueError(f"unknown merging schedule {schedule!r}; expected 'low' or 'high'") from None

@@ -1,0 +1,189 @@
+"""Load the checkpoints PYRA users bring: JAX ``.npz``, DeiT/MAE/MoCo ``.pth``, safetensors, the official
+PYRA code's fine-tuned models and this project's own checkpoints — safely and with a report.
+
+Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``): a file
+that needs more is refused before any of its code can run.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
+
+__all__ = ["CheckpointError", "LoadReport", "OWN_FORMAT", "read_checkpoint", "load_checkpoint",
+           "trainable_state_dict", "unwrap_model"]
+
+OWN_FORMAT = "pyra-checkpoint"  # value of the "format" key in checkpoints this project writes
+
+# Official PYRA (NOAH-based) parameter names -> this project's names (facts §3, issue "models").
+_OFFICIAL_RENAMES = [
+    (re.compile(r"\.attn\.LoRA_a\."), ".attn.qkv.lora_down."),
+    (re.compile(r"\.attn\.LoRA_b\."), ".attn.qkv.lora_up."),
+    (re.compile(r"\.adapter\.ln1\."), ".adapter.down."),
+    (re.compile(r"\.adapter\.ln2\."), ".adapter.up."),
+    (re.compile(r"\.pyra_a$"), ".pyra.weight_r"),
+    (re.compile(r"\.pyra_b$"), ".pyra.weight_d"),
+    (re.compile(r"\.pyra_norm\."), ".pyra.norm."),
+]
+_OFFICIAL_MARKERS = ("LoRA_a", "LoRA_b", "pyra_a", "pyra_b", "pyra_norm", "adapter.ln1")
+_HEAD_PREFIXES = ("head.", "head_dist.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model; the message names the file and the keys."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did: the format seen, and the keys missing, unexpected or deliberately dropped."""
+
+    path: str
+    kind: str                                   # "jax-npz", "pretrained", "official-pyra", "pyra"
+    loaded: int = 0
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)
+
+    def summary(self, limit: int = 8) -> str:
+        def names(keys: List[str]) -> str:
+            more = f", ... (+{len(keys) - limit})" if len(keys) > limit else ""
+            return ", ".join(keys[:limit]) + more
+        lines = [f"loaded {self.loaded} tensors from {self.path} ({self.kind})"]
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("dropped", self.dropped)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): {names(keys)}")
+        return "\n".join(lines)
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file without executing anything in it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path, device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it needs arbitrary unpickling, which could run code hidden in the file "
+            f"(torch.load weights_only=True rejected it; none of its code was run). Re-save it as a plain "
+            f"state dict of tensors or as safetensors. Details: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def _unwrap(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The tensor dict inside the common wrappers (``model``, ``state_dict``) and prefixes (DDP, MoCo)."""
+    for key in ("model", "state_dict", "module"):
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    sd = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("module.") for k in sd):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("base_encoder.") for k in sd):   # MoCo v3: keep the query encoder only
+        sd = {k.removeprefix("base_encoder."): v for k, v in sd.items() if k.startswith("base_encoder.")}
+    return sd
+
+
+def _rename_official(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in _OFFICIAL_RENAMES:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    return out
+
+
+def _adapt_pretrained(sd: Dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> Dict[str, torch.Tensor]:
+    """Drop what a pretraining checkpoint has that the adapted model must not take (heads, MAE decoder)."""
+    drop = sorted(k for k in sd if k.startswith(_HEAD_PREFIXES + ("decoder", "mask_token")))
+    report.dropped += drop
+    sd = {k: v for k, v in sd.items() if k not in drop}
+    # MAE fine-tuning pools the patch tokens and normalises after pooling: its encoder norm becomes fc_norm.
+    if isinstance(getattr(model, "fc_norm", None), nn.LayerNorm) and not isinstance(model.norm, nn.LayerNorm):
+        for name in ("weight", "bias"):
+            if f"norm.{name}" in sd and f"fc_norm.{name}" not in sd:
+                sd[f"fc_norm.{name}"] = sd.pop(f"norm.{name}")
+    return checkpoint_filter_fn(sd, model)
+
+
+def _load_npz(model: nn.Module, path: str) -> LoadReport:
+    """Google's JAX ViT checkpoints through timm's loader; the 21k head is not loaded (shape differs)."""
+    import numpy as np
+
+    report = LoadReport(path, "jax-npz")
+    params = dict(model.named_parameters())
+    versions = {k: p._version for k, p in params.items()}
+    try:
+        _load_weights(model, path)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the JAX checkpoint lacks {e} that this architecture needs") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit this architecture: {e}") from None
+    changed = {k for k, p in params.items() if p._version != versions[k]}
+    report.loaded = len(changed)
+    report.missing = sorted(set(params) - changed)
+    with np.load(path, allow_pickle=False) as npz:
+        report.dropped = sorted(k for k in npz.files if k.startswith(("head/", "pre_logits/"))
+                                and not {"head.weight", "head.bias"} <= changed)
+    return report
+
+
+def load_checkpoint(model: nn.Module, path: str, kind: str = "auto") -> LoadReport:
+    """Load ``path`` into ``model`` and report what was missing, unexpected or dropped.
+
+    ``kind``: ``"pretrained"`` drops the checkpoint's head (a new task head is trained), ``"finetuned"``
+    keeps it and requires its shape to match; ``"auto"`` picks finetuned for this project's own and the
+    official PYRA checkpoints, pretrained otherwise. A shape mismatch names every key and both shapes.
+    """
+    if kind not in ("auto", "pretrained", "finetuned"):
+        raise ValueError(f"kind must be 'auto', 'pretrained' or 'finetuned', got {kind!r}")
+    if path.endswith(".npz"):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint not found: {path}")
+        return _load_npz(model, path)
+
+    ckpt = read_checkpoint(path)
+    own = ckpt.get("format") == OWN_FORMAT
+    sd = _unwrap(ckpt)
+    official = any(marker in k for k in sd for marker in _OFFICIAL_MARKERS)
+    if official:
+        sd = _rename_official(sd)
+    finetuned = own or official if kind == "auto" else kind == "finetuned"
+    report = LoadReport(path, "pyra" if own else "official-pyra" if official else
+                        "finetuned" if finetuned else "pretrained")
+    if not finetuned:
+        sd = _adapt_pretrained(sd, model, report)
+
+    model_sd = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
+                  for k, v in sd.items() if k in model_sd and v.shape != model_sd[k].shape]
+    if mismatched:
+        raise CheckpointError(f"{path} does not fit this model (another architecture or class count?); "
+                              f"shape mismatch in {len(mismatched)} key(s):\n  " + "\n  ".join(mismatched))
+    result = model.load_state_dict(sd, strict=False)
+    report.loaded = len(sd) - len(result.unexpected_keys)
+    report.missing = sorted(result.missing_keys)
+    report.unexpected = sorted(result.unexpected_keys)
+    return report
+
+
+def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Only what training changes (PEFT, PYRA, heads): what this project's checkpoints store."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+

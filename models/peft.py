@@ -1,0 +1,170 @@
+"""Parameter-efficient modules as in NOAH (which the official PYRA code uses): LoRA on qkv and an Adapter.
+
+Only these modules, the classification head(s) and PYRA train; the backbone stays frozen (facts §3).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+__all__ = [
+    "LoRALinear", "Adapter", "QuickGELU", "PEFT_TYPES", "PARAM_CATEGORIES",
+    "add_lora", "add_adapters", "init_peft", "fold_lora", "param_category", "mark_trainable", "param_report",
+]
+
+PEFT_TYPES = ("lora", "adapter", "none", "full")
+PARAM_CATEGORIES = ("backbone", "lora", "adapter", "pyra", "head")
+
+
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation ``x·σ(1.702x)``, used by the NOAH adapter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LoRALinear(nn.Linear):
+    """``nn.Linear`` plus a low-rank update ``up(down(dropout(x)))``, with no α/rank scaling (NOAH's LoRA).
+
+    It keeps the frozen ``weight``/``bias`` under their original names, so backbone checkpoints load
+    unchanged; ``fold()`` returns the plain ``nn.Linear`` with the update merged into its weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 dropout: float = 0.1, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_up = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        nn.init.zeros_(self.lora_up.weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, dropout: float = 0.1) -> LoRALinear:
+        """Wrap an existing layer, sharing (not copying) its weight and bias."""
+        w = linear.weight
+        lora = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                   dropout=dropout, device=w.device, dtype=w.dtype)
+        lora.weight, lora.bias = linear.weight, linear.bias
+        return lora
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_up(self.lora_down(self.lora_dropout(x)))
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """The equivalent plain layer for inference (dropout is the identity there)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.copy_(self.weight + self.lora_up.weight @ self.lora_down.weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        linear.weight.requires_grad_(self.weight.requires_grad)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(self.bias.requires_grad)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.lora_down.out_features}"
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter on the MLP output, inside the residual: ``h + up(dropout(QuickGELU(down(h))))``."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.act = QuickGELU()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(hidden, dim)
+        for linear in (self.down, self.up):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.normal_(linear.bias, std=1e-6)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.dropout(self.act(self.down(h))))
+
+
+def add_lora(model: nn.Module, rank: int, dropout: float = 0.1) -> None:
+    """Put LoRA on every block's fused qkv projection."""
+    for block in model.blocks:
+        block.attn.qkv = LoRALinear.from_linear(block.attn.qkv, rank, dropout)
+
+
+def add_adapters(model: nn.Module, hidden: int, dropout: float = 0.1) -> None:
+    """Give every block an Adapter after its MLP (blocks call ``self.adapter``, identity by default)."""
+    for block in model.blocks:
+        w = block.norm2.weight
+        block.adapter = Adapter(w.shape[0], hidden, dropout).to(device=w.device, dtype=w.dtype)
+
+
+def _peft_linears(model: nn.Module) -> Iterator[nn.Linear]:
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            yield module.lora_down
+            yield module.lora_up
+        elif isinstance(module, Adapter):
+            yield module.down
+            yield module.up
+
+
+@torch.no_grad()
+def init_peft(model: nn.Module, mode: str = "official") -> None:
+    """Initialise the PEFT layers: ``standard`` keeps the module defaults (LoRA up = 0, adapter xavier).
+
+    ``official`` reproduces the released PYRA code, whose model-wide ViT init runs after the PEFT
+    modules are built: every LoRA/Adapter Linear ends up trunc_normal(std 0.02) with zero bias.
+    """
+    if mode == "standard":
+        return
+    if mode != "official":
+        raise ValueError(f"unknown PEFT init {mode!r}; expected 'official' or 'standard'")
+    for linear in _peft_linears(model):
+        trunc_normal_(linear.weight, std=0.02)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+
+
+@torch.no_grad()
+def fold_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRA update into its qkv weight, in place; the logits stay the same (in eval mode)."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.fold())
+    return model
+
+
+def param_category(name: str) -> str:
+    """Which part of the model a parameter belongs to, from its name."""
+    if ".lora_" in name:
+        return "lora"
+    if ".adapter." in name:
+        return "adapter"
+    if ".pyra." in name:
+        return "pyra"
+    if name.startswith(("head.", "head_dist.")):
+        return "head"
+    return "backbone"
+
+
+def mark_trainable(model: nn.Module, peft: str) -> None:
+    """Freeze the backbone (unless ``full``); PEFT modules, head(s) and PYRA train."""
+    if peft not in PEFT_TYPES:
+        raise ValueError(f"unknown PEFT type {peft!r}; expected one of {PEFT_TYPES}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(peft == "full" or param_category(name) != "backbone")
+
+
+def param_report(model: nn.Module) -> Dict[str, Tuple[int, int]]:
+    """Parameter counts by category as ``{category: (total, trainable)}``, plus a ``total`` row."""
+    report = {c: [0, 0] for c in PARAM_CATEGORIES}
+    for name, param in model.named_parameters():
+        row = report[param_category(name)]
+        row[0] += param.numel()
+        row[1] += param.numel() if param.requires_grad else 0
+    report["total"] = [sum(r[0] for r in report.values()), sum(r[1] for r in report.values())]
+    return {k: (v[0], v[1]) for k, v in report.items()}
