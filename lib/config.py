@@ -200,7 +200,10 @@ def _parse_yaml(text: str, source: str) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}{line}: invalid YAML: {e.problem or e.context}") from None
+        where = ""  # an unclosed bracket fails at the end of the file; say where it was opened
+        if e.context and e.context_mark is not None and e.context_mark is not mark:
+            where = f" ({e.context} at line {e.context_mark.line + 1})"
+        raise ConfigError(f"{source}{line}: invalid YAML: {e.problem or e.context}{where}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {e}") from None
 

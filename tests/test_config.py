@@ -1,0 +1,392 @@
+"""lib/config.py and configs/: defaults, inheritance, overrides, validation errors, the committed configs."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from easydict import EasyDict
+
+import lib.config as config_module
+from lib.config import DEFAULTS, ConfigError, config_to_dict, load_config, save_config, validate_config
+from models.backbones import BACKBONES, named_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("configs_generate", CONFIGS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------- defaults
+def test_defaults_load_and_validate():
+    cfg = load_config()
+    assert isinstance(cfg, EasyDict)
+    assert cfg.optim.lr == 1e-3 and cfg.train.epochs == 100 and cfg.merging.r is None
+    assert cfg.experiment == "default" and cfg.config_path == ""
+    expected = {**copy.deepcopy(DEFAULTS), "experiment": "default", "config_path": ""}
+    assert config_to_dict(cfg) == expected
+    validate_config(copy.deepcopy(DEFAULTS))
+
+
+def test_loading_never_mutates_defaults():
+    before = copy.deepcopy(DEFAULTS)
+    cfg = load_config(overrides=["optim.betas=[0.5, 0.6]", "model.depth=6"])
+    cfg.optim.betas.append(1.0)
+    cfg.model.name = "changed"
+    assert DEFAULTS == before
+
+
+# ---------------------------------------------------------------------------------------- inheritance
+def test_base_chain_two_levels_deep_merge_and_later_wins(tmp_path):
+    write(tmp_path / "configs/_base_/root.yaml", "optim:\n  lr: 0.5\n  weight_decay: 0.25\ntrain:\n  epochs: 70\n")
+    write(tmp_path / "configs/_base_/mid.yaml", "_base_: root.yaml\noptim:\n  lr: 0.1\nmerging:\n  r: [1, 2]\n")
+    write(tmp_path / "configs/_base_/other.yaml", "train:\n  epochs: 90\n  batch_size: 4\nmerging:\n  r: [3]\n")
+    leaf = write(tmp_path / "configs/exp/leaf.yaml",
+                 "_base_: [../_base_/mid.yaml, ../_base_/other.yaml]\ntrain:\n  batch_size: 5\n")
+    cfg = load_config(leaf)
+    assert cfg.optim.lr == 0.1                  # mid overrides root
+    assert cfg.optim.weight_decay == 0.25       # deep merge keeps root's sibling key
+    assert cfg.train.epochs == 90               # later base wins over earlier
+    assert cfg.train.batch_size == 5            # the file itself wins over its bases
+    assert cfg.merging.r == [3]                 # lists replace, they do not concatenate
+    assert cfg.train.eval_interval == DEFAULTS["train"]["eval_interval"]
+    assert cfg.experiment == "exp/leaf" and cfg.config_path == str(leaf)
+
+
+def test_experiment_name(tmp_path):
+    assert load_config(write(tmp_path / "elsewhere/my_run.yaml", "seed: 1\n")).experiment == "my_run"
+    named = write(tmp_path / "configs/a/b.yaml", "experiment: fixed\n")
+    assert load_config(named).experiment == "fixed"
+    assert load_config(CONFIGS / "vit_b16/lora_pyra_high.yaml").experiment == "vit_b16/lora_pyra_high"
+
+
+# ------------------------------------------------------------------------------------------ overrides
+@pytest.mark.parametrize("override, key, expected", [
+    ("optim.lr=1e-4", "optim.lr", 1e-4),              # YAML 1.1 would leave this a string
+    ("optim.lr=3.0E-3", "optim.lr", 3e-3),
+    ("optim.lr=1", "optim.lr", 1.0),                  # ints are accepted for floats...
+    ("optim.clip_grad=2", "optim.clip_grad", 2.0),
+    ("train.drop_last=true", "train.drop_last", True),
+    ("merging.r=[16, 10]", "merging.r", [16, 10]),
+    ("merging.r=[16, 0.5]", "merging.r", [16, 0.5]),
+    ("merging.r=high", "merging.r", "high"),
+    ("merging.r=8", "merging.r", 8),
+    ("optim.betas=[0, 1e-1]", "optim.betas", [0.0, 0.1]),
+    ("peft.dim=null", "peft.dim", None),
+    ("peft.dim=16", "peft.dim", 16),
+    ("data.num_classes=10", "data.num_classes", 10),
+    ("data.task=dtd", "data.task", "dtd"),
+    ("data.task=no", "data.task", "no"),              # not a YAML 1.1 boolean
+    ("data.task=2024", "data.task", "2024"),          # str keys keep the text
+    ("data.augment=", "data.augment", ""),
+    ("experiment=my run", "experiment", "my run"),
+    ("model.pretrained=weight/x=y.npz", "model.pretrained", "weight/x=y.npz"),
+    ("model={name: vit, depth: 6, embed_dim: 48, num_heads: 3}", "model.depth", 6),
+])
+def test_override_values(override, key, expected):
+    cfg = load_config(overrides=[override])
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    assert value == expected and type(value) is type(expected)
+
+
+def test_overrides_apply_on_top_of_file_in_order():
+    cfg = load_config(CONFIGS / "vit_b16/lora_pyra_high.yaml",
+                      ["optim.lr=0.1", "optim.lr=0.2", "merging.r=low", "data.task=dtd"])
+    assert cfg.optim.lr == 0.2 and cfg.merging.r == "low" and cfg.merging.pyra is True
+    assert cfg.data.task == "dtd" and cfg.model.name == "vit_base_patch16_224_in21k"
+    nested = load_config(overrides=["model={name: vit, depth: 6}"])
+    assert nested.model.depth == 6 and nested.model.img_size == 224   # deep merge, siblings kept
+
+
+# ----------------------------------------------------------------------------------- validation errors
+@pytest.mark.parametrize("overrides, needles", [
+    (["optim.pyra_lrr=1"], ["optim.pyra_lrr", "did you mean optim.pyra_lr?"]),
+    (["train.epoch=3"], ["train.epoch", "did you mean train.epochs?"]),
+    (["train.lr=0.1"], ["train.lr", "did you mean optim.lr?"]),
+    (["optimizer.lr=0.1"], ["'optimizer'", "did you mean optim?"]),
+    (["config_path=x.yaml"], ["unknown key 'config_path'"]),
+    (["optim.lr"], ["optim.lr", "dotted.key=value"]),
+    (["optim.lr=[1"], ["optim.lr=[1", "invalid YAML"]),
+    (["train.epochs=ten"], ["train.epochs", "expected int", "'ten'"]),
+    (["train.epochs=10.0"], ["train.epochs", "expected int"]),
+    (["train.batch_size=true"], ["train.batch_size", "expected int", "True"]),
+    (["optim.lr=true"], ["optim.lr", "expected float"]),
+    (["optim.lr=null"], ["optim.lr", "expected float", "None"]),
+    (["train.drop_last=1"], ["train.drop_last", "expected bool"]),
+    (["optim.betas=[0.9, fast]"], ["optim.betas", "list of float"]),
+    (["optim.betas=[0.9]"], ["optim.betas", "2 floats"]),
+    (["optim.betas=[0.9, 1.5]"], ["optim.betas", "[0, 1)"]),
+    (["model=vit"], ["model", "expected a mapping"]),
+    (["peft.type=prefix"], ["peft.type", "lora, adapter, none, full", "'prefix'"]),
+    (["peft.init=kaiming"], ["peft.init", "official, standard"]),
+    (["data.normalization=clip"], ["data.normalization", "imagenet, inception"]),
+    (["train.precision=fp8"], ["train.precision", "fp32, bf16, fp16"]),
+    (["train.device=gpu"], ["train.device", "'gpu'"]),
+    (["peft.dim=0"], ["peft.dim", ">= 1", "0"]),
+    (["peft.dim=-4"], ["peft.dim", ">= 1"]),
+    (["model.name=vit", "model.embed_dim=0"], ["model.embed_dim", ">= 1"]),
+    (["train.epochs=0"], ["train.epochs", ">= 1"]),
+    (["train.batch_size=0"], ["train.batch_size", ">= 1"]),
+    (["train.eval_batch_size=-1"], ["train.eval_batch_size", ">= 1"]),
+    (["train.eval_interval=0"], ["train.eval_interval", ">= 1"]),
+    (["optim.lr=-1e-3"], ["optim.lr", ">= 0"]),
+    (["optim.lr=.nan"], ["optim.lr", ">= 0"]),
+    (["optim.eps=0"], ["optim.eps", "> 0"]),
+    (["optim.clip_grad=0"], ["optim.clip_grad", "> 0"]),
+    (["model.drop_path_rate=1.0"], ["model.drop_path_rate", "< 1"]),
+    (["data.num_workers=-1"], ["data.num_workers", ">= 0"]),
+    (["data.task="], ["data.task", "must not be empty"]),
+    (["sched.warmup_epochs=11", "train.epochs=10"], ["sched.warmup_epochs", "train.epochs"]),
+    (["merging.r=[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"], ["merging.r", "13 entries", "depth 12"]),
+    (["model.name=vit", "model.depth=4", "merging.r=[1, 1, 1, 1, 1]"], ["merging.r", "depth 4"]),
+    (["merging.r=-2"], ["merging.r", ">= 0"]),
+    (["merging.r=[4, -1]"], ["merging.r", ">= 0"]),
+    (["merging.r=[16, 1.5]"], ["merging.r", "inflection in [0, 1]"]),
+    (["merging.r=[16.0, 0.5]"], ["merging.r", "(r, inflection) pair"]),
+    (["merging.r=[16, 0.5, 1]"], ["merging.r", "list of ints"]),
+    (["merging.r=medium"], ["merging.r", "'low' or 'high'", "'medium'"]),
+    (["merging.r=true"], ["merging.r", "True"]),
+    (["model.name=vit", "model.depth=6", "merging.r=high"], ["merging.r", "custom depth of 6"]),
+    (["merging.pyra=true"], ["PYRA needs token merging"]),
+    (["merging.pyra=true", "merging.r=0"], ["PYRA needs token merging"]),
+    (["merging.pyra=true", "merging.r=[0, 0, 0]"], ["PYRA needs token merging"]),
+    (["merging.pyra=true", "merging.r=[0, 0.5]"], ["PYRA needs token merging"]),
+    (["model.name=vit_b16"], ["model.name", "vit_base_patch16_224_in21k", "'vit'"]),
+    (["model.name=vit", "model.embed_dim=100", "model.num_heads=3"], ["model.embed_dim", "model.num_heads"]),
+    (["model.img_size=100"], ["model.img_size", "patch size 16"]),
+    (["model.name=vit", "model.img_size=32", "model.patch_size=5"], ["model.img_size", "patch size 5"]),
+])
+def test_invalid_overrides_raise_config_error(overrides, needles):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["train.batch_size=0", "optim.lr=-1", "peft.type=x"])
+    assert len(info.value.errors) == 3
+    assert all(key in str(info.value) for key in ("train.batch_size", "optim.lr", "peft.type"))
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["train.epoch=1", "optim.lrr=2"])
+    assert len(info.value.errors) == 2
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_valid_edge_values_pass():
+    load_config(overrides=["sched.warmup_epochs=100", "optim.lr=0", "data.num_workers=0", "train.device=cuda:1"])
+    load_config(overrides=["merging.r=[40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]", "merging.pyra=true"])
+    load_config(overrides=["merging.r=[16, 1.0]", "merging.pyra=true", "merging.prop_attn=false"])
+    load_config(overrides=["model.name=vit", "model.depth=24", "merging.r=low"])
+    load_config(overrides=["model.name=vit_large_patch16_224_in21k", "merging.r=[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, "
+                           "1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"])
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("optim:\n  pyra_lrr: 1.0e-4\n", ["bad.yaml", "optim.pyra_lrr", "did you mean optim.pyra_lr?"]),
+    ("trian:\n  epochs: 3\n", ["bad.yaml", "'trian'", "did you mean train?"]),
+    ("train:\n  epochs: 3\n  batch_size: [32\n", ["bad.yaml:", "invalid YAML", "at line 3"]),
+    ("train:\n  epochs: 3\n   batch_size: 32\n", ["bad.yaml:3", "invalid YAML"]),
+    ("train:\n  epochs: 3\n  epochs: 4\n", ["bad.yaml:3", "duplicate key 'epochs'"]),
+    ("- optim\n- lr\n", ["bad.yaml", "top level must be a mapping", "list"]),
+    ("just a string\n", ["bad.yaml", "top level must be a mapping"]),
+    ("train: 3\n", ["bad.yaml", "train", "expected a mapping"]),
+    ("train:\n  epochs: 3.5\n", ["bad.yaml", "train.epochs", "expected int", "3.5"]),
+    ("model:\n  _base_: x.yaml\n", ["bad.yaml", "model._base_"]),
+    ("_base_: 3\n", ["bad.yaml", "_base_", "3"]),
+    ("_base_: [a.yaml, null]\n", ["bad.yaml", "_base_"]),
+    ("_base_: missing.yaml\n", ["missing.yaml", "not found", "bad.yaml"]),
+    ("_base_: bad.yaml\n", ["bad.yaml", "cycle"]),
+])
+def test_invalid_files_raise_config_error_naming_the_file(tmp_path, text, needles):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path / "bad.yaml", text))
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_errors_in_a_base_file_name_that_base(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml.*train\.epoch.*did you mean train\.epochs"):
+        load_config(write(tmp_path / "leaf.yaml", "_base_: base.yaml\n"))
+    write(tmp_path / "mid.yaml", "_base_: gone/deeper.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path / "top.yaml", "_base_: mid.yaml\n"))
+    assert "deeper.yaml" in str(info.value) and "mid.yaml" in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml.*not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_empty_file_means_defaults(tmp_path):
+    cfg = load_config(write(tmp_path / "empty.yaml", "# nothing\n"))
+    assert cfg.optim == DEFAULTS["optim"]
+
+
+def test_validate_config_checks_a_built_config():
+    cfg = copy.deepcopy(DEFAULTS)
+    del cfg["train"]["epochs"]
+    with pytest.raises(ConfigError, match="missing key 'train.epochs'"):
+        validate_config(cfg)
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg["optim"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match="optim.lr: expected float"):
+        validate_config(cfg)
+    cfg = load_config()
+    cfg.config_path = 3
+    with pytest.raises(ConfigError, match="config_path"):
+        validate_config(cfg)
+    validate_config(load_config(CONFIGS / "demo/digits.yaml"))   # config_path is allowed after loading
+
+
+# -------------------------------------------------------------------------------- the committed configs
+ALL_CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS)
+def test_every_committed_config_loads(path):
+    cfg = load_config(ROOT / path)
+    validate_config(cfg)
+    assert cfg.experiment == Path(path).relative_to("configs").with_suffix("").as_posix()
+
+
+LEAF_MODELS = {
+    "vit_b16": "vit_base_patch16_224_in21k",
+    "vit_l16": "vit_large_patch16_224_in21k",
+    "vit_s16": "vit_small_patch16_224_in21k",
+    "deit_b": "deit_base_distilled_patch16_224",
+    "deit_s": "deit_small_distilled_patch16_224",
+    "mae_vit_b": "mae_vit_base_patch16",
+}
+LEAF_MERGING = {  # merging base -> (merging.r, merging.pyra)
+    "none": (None, False), "tome_low": ("low", False), "tome_high": ("high", False),
+    "pyra_low": ("low", True), "pyra_high": ("high", True),
+}
+LEAVES = [(b, p, m) for b in LEAF_MODELS for p in ("lora", "adapter") for m in LEAF_MERGING]
+
+
+def test_the_grid_has_sixty_leaves_and_nothing_else():
+    assert len(LEAVES) == 60
+    found = sorted(p.relative_to(CONFIGS).as_posix() for b in LEAF_MODELS for p in (CONFIGS / b).glob("*.yaml"))
+    assert found == sorted(f"{b}/{p}_{m}.yaml" for b, p, m in LEAVES)
+
+
+@pytest.mark.parametrize("backbone, peft, merging", LEAVES)
+def test_leaf_resolves_to_its_experiment(backbone, peft, merging):
+    path = CONFIGS / backbone / f"{peft}_{merging}.yaml"
+    cfg = load_config(path)
+    name = LEAF_MODELS[backbone]
+    assert cfg.model.name == name
+    assert cfg.model.pretrained == f"weight/{BACKBONES[name].checkpoint}"
+    assert (cfg.peft.type, cfg.peft.dim, cfg.peft.dropout) == (peft, None, 0.1)
+    assert (cfg.merging.r, cfg.merging.pyra, cfg.merging.prop_attn) == (*LEAF_MERGING[merging], True)
+    if cfg.merging.r is not None:
+        assert len(named_schedule(cfg.merging.r, name)) == BACKBONES[name].depth
+    # the official recipe (facts section 5)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps, cfg.optim.betas) == (1e-3, 1e-4, 1e-8, [0.9, 0.999])
+    assert (cfg.optim.pyra_lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.eval_interval) == (1e-4, 32, 100, 10)
+    assert (cfg.sched.warmup_epochs, cfg.sched.warmup_lr, cfg.sched.min_lr) == (10, 1e-6, 1e-5)
+    assert (cfg.model.drop_path_rate, cfg.train.precision, cfg.seed) == (0.1, "fp32", 0)
+    assert (cfg.data.train_split, cfg.data.eval_split, cfg.data.augment) == ("train800val200", "test", "")
+    # leaves only list bases: no settings of their own
+    assert set(yaml.safe_load(path.read_text())) == {"_base_"}
+
+
+def test_demo_config_keeps_tokens_and_merges_every_layer():
+    cfg = load_config(CONFIGS / "demo/digits.yaml")
+    assert cfg.model.name == "vit" and cfg.merging.pyra is True and cfg.data.num_workers == 0
+    tokens = (cfg.model.img_size // cfg.model.patch_size) ** 2 + 1
+    for r in cfg.merging.r:
+        assert 0 < r <= (tokens - 1) // 2           # never clamped by the bipartite matching
+        tokens -= r
+    assert len(cfg.merging.r) == cfg.model.depth and tokens > 1
+
+
+def test_generate_check_passes_on_the_committed_configs():
+    result = subprocess.run([sys.executable, str(CONFIGS / "generate.py"), "--check"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout
+
+
+def test_generate_writes_idempotently_and_check_detects_drift(tmp_path, monkeypatch, capsys):
+    generator = load_generator()
+    monkeypatch.setattr(generator, "CONFIGS", tmp_path)
+    assert generator.main(["--check"]) == 1                 # everything missing
+    assert generator.main([]) == 0
+    files = sorted(tmp_path.rglob("*.yaml"))
+    assert len(files) == 66                                 # 60 leaves + 6 model bases
+    snapshot = {p: p.read_text() for p in files}
+    assert generator.main([]) == 0 and {p: p.read_text() for p in files} == snapshot
+    assert generator.main(["--check"]) == 0
+    (tmp_path / "vit_b16/lora_none.yaml").write_text("_base_: []\n")
+    assert generator.main(["--check"]) == 1
+    assert "differs" in capsys.readouterr().err
+    generator.main([])
+    write(tmp_path / "deit_s/lora_old.yaml", generator.HEADER)
+    assert generator.main(["--check"]) == 1
+    assert "stale" in capsys.readouterr().err
+    generator.main([])
+    assert not (tmp_path / "deit_s/lora_old.yaml").exists() and generator.main(["--check"]) == 0
+
+
+# -------------------------------------------------------------------------------------------- output
+def test_save_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "vit_l16/adapter_tome_high.yaml",
+                      ["optim.clip_grad=1", "merging.r=[8, 0.25]", "data.task=dtd", "peft.dim=null"])
+    out = tmp_path / "run" / "config.yaml"
+    save_config(cfg, out)
+    assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]      # no temp file left behind
+    again = load_config(out)
+    assert again.config_path == str(out) and again.experiment == "vit_l16/adapter_tome_high"
+    strip = lambda c: {k: v for k, v in config_to_dict(c).items() if k != "config_path"}  # noqa: E731
+    assert strip(again) == strip(cfg)
+    assert "config_path" not in yaml.safe_load(out.read_text())             # plain YAML readers agree too
+    assert yaml.safe_load(out.read_text())["optim"]["eps"] == 1e-8
+    save_config(load_config(), out)                                           # overwrite in place
+    assert load_config(out).merging.r is None
+
+
+def test_save_config_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
+    out = write(tmp_path / "config.yaml", "seed: 1\n")
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(config_module.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_config(load_config(), out)
+    assert out.read_text() == "seed: 1\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_config_to_dict_is_plain_and_json_ready():
+    cfg = load_config(CONFIGS / "demo/digits.yaml")
+    plain = config_to_dict(cfg)
+    assert type(plain) is dict and type(plain["model"]) is dict and type(plain["merging"]["r"]) is list
+    assert json.loads(json.dumps(plain)) == plain
+    plain["model"]["depth"] = 99
+    assert cfg.model.depth == 4
