@@ -1,0 +1,208 @@
+"""Build VTAB-1k folders from TensorFlow Datasets (facts §6).
+
+    python -m data.build_vtab --out data/vtab-1k [--tasks cifar dtd ...] [--tfds-dir DIR] [--manual-dir DIR]
+
+TensorFlow Datasets is an optional extra (``pip install -r data/requirements-vtab.txt``) imported only
+when a task is actually read; the writing half (:func:`write_task`) takes plain ``(ndarray, label)``
+iterables so it is usable and testable without it. A task folder is written under ``<task>.partial``
+and renamed when complete, so an interrupted build never leaves a folder that looks finished.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from PIL import Image
+
+from data.layout import format_list_line, list_file
+from data.vtab_splits import (
+    EXPECTED_SPLIT_SIZES,
+    TASK_SPECS,
+    VTAB_TASKS,
+    TaskSpec,
+    canonical_task,
+    resolve_split,
+    split_to_tfds,
+    to_rgb_uint8,
+)
+
+__all__ = ["write_split", "write_list", "write_task", "tfds_examples", "build_task", "main"]
+
+Example = Tuple[Any, int]
+REQUIREMENTS = "data/requirements-vtab.txt"
+_FORMATS = {"jpg": {"format": "JPEG", "quality": 95}, "png": {"format": "PNG"}}
+
+
+def write_split(task_dir: Union[str, Path], split: str, examples: Iterable[Example], image_format: str = "jpg",
+                num_classes: Optional[int] = None) -> List[Tuple[str, int]]:
+    """Save ``examples`` as ``images/<split>/NNNNNN.<ext>`` and return their ``(relative path, label)``.
+
+    Images are written at native resolution; grey ones are tiled to RGB. JPEG uses quality 95.
+    """
+    if image_format not in _FORMATS:
+        raise ValueError(f"image_format must be one of {sorted(_FORMATS)}, got {image_format!r}")
+    task_dir = Path(task_dir)
+    (task_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+    entries: List[Tuple[str, int]] = []
+    for index, (image, label) in enumerate(examples):
+        label = int(label)
+        if num_classes is not None and not 0 <= label < num_classes:
+            raise ValueError(f"{split} example {index}: label {label} outside [0, {num_classes})")
+        rel = f"images/{split}/{index:06d}.{image_format}"
+        Image.fromarray(to_rgb_uint8(image), mode="RGB").save(task_dir / rel, **_FORMATS[image_format])
+        entries.append((rel, label))
+    return entries
+
+
+def write_list(task_dir: Union[str, Path], split: str, entries: Sequence[Tuple[str, int]]) -> Path:
+    """Write ``<task_dir>/<split>.txt``, one ``<path> <label>`` line per entry."""
+    path = list_file(task_dir, split)
+    path.write_text("".join(format_list_line(rel, label) + "\n" for rel, label in entries), encoding="utf-8")
+    return path
+
+
+def write_task(task_dir: Union[str, Path], splits: Mapping[str, Iterable[Example]], image_format: str = "jpg",
+               num_classes: Optional[int] = None, expected_sizes: Optional[Mapping[str, int]] = None,
+               overwrite: bool = False) -> Dict[str, List[Tuple[str, int]]]:
+    """Write a complete VTAB-1k task folder from per-split example iterables.
+
+    ``splits`` holds ``train800``, ``val200`` and ``test`` (other names are written too);
+    ``train800val200`` is always train800 followed by val200. Each split's size is checked against
+    ``expected_sizes`` (default 800 / 200 / 1000). Returns the list-file entries per split.
+    """
+    task_dir = Path(task_dir)
+    missing = {"train800", "val200"} - set(splits)
+    if missing:
+        raise ValueError(f"splits must include train800 and val200 (missing: {sorted(missing)})")
+    if "train800val200" in splits:
+        raise ValueError("train800val200 is derived from train800 + val200; do not pass it")
+    if task_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{task_dir} already exists; pass overwrite=True (--overwrite) to rebuild it")
+        shutil.rmtree(task_dir)
+    expected = dict(EXPECTED_SPLIT_SIZES if expected_sizes is None else expected_sizes)
+    partial = task_dir.with_name(task_dir.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+
+    lists: Dict[str, List[Tuple[str, int]]] = {}
+    for split, examples in splits.items():
+        lists[split] = write_split(partial, split, examples, image_format, num_classes)
+    lists["train800val200"] = lists["train800"] + lists["val200"]
+    for split, entries in lists.items():
+        if split in expected and len(entries) != expected[split]:
+            raise ValueError(f"{task_dir.name}: split {split} has {len(entries)} examples, expected {expected[split]}")
+        if not entries:
+            raise ValueError(f"{task_dir.name}: split {split} is empty")
+    order = ["train800", "val200", "train800val200"] + [s for s in lists if s not in EXPECTED_SPLIT_SIZES]
+    for split in order:
+        write_list(partial, split, lists[split])
+    partial.rename(task_dir)
+    return {split: lists[split] for split in order}
+
+
+# ---------------------------------------------------------------------------------------------------
+# TensorFlow Datasets side.
+
+
+def _import_tfds() -> Any:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise RuntimeError(
+            "building VTAB-1k needs TensorFlow Datasets, an optional extra: "
+            f"pip install -r {REQUIREMENTS} (ideally in a separate virtual environment)") from err
+    return tfds
+
+
+def _builder(tfds: Any, spec: TaskSpec, tfds_dir: Optional[str], manual_dir: Optional[str],
+             latest_versions: bool, download: bool) -> Any:
+    name = spec.tfds_name if latest_versions else f"{spec.tfds_name}:{spec.tfds_version}"
+    try:
+        builder = tfds.builder(name, data_dir=tfds_dir)
+    except Exception as err:  # TFDS raises various errors for unknown names / versions
+        raise RuntimeError(f"{spec.name}: TFDS has no builder {name!r} ({err}); if only the version is "
+                           "missing, retry with --latest-versions") from err
+    if download:
+        config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+        try:
+            builder.download_and_prepare(download_config=config)
+        except Exception as err:  # network, checksum or manual-download failures
+            hint = f" {spec.manual}" if spec.manual else ""
+            raise RuntimeError(f"{spec.name}: preparing {name} failed: {err}.{hint}") from err
+    return builder
+
+
+def tfds_examples(builder: Any, spec: TaskSpec, split: str) -> Iterator[Example]:
+    """(image, label) of one VTAB-1k split of ``spec`` read in TFDS order (no shuffling)."""
+    tfds = _import_tfds()
+    split_spec = spec.splits[split]
+    base = resolve_split(split_spec, 0)[0]
+    num_examples = builder.info.splits[base].num_examples
+    dataset = builder.as_dataset(split=split_to_tfds(split_spec, num_examples), shuffle_files=False)
+    for record in tfds.as_numpy(dataset):
+        yield spec.example(record)
+
+
+def build_task(task: str, out: Union[str, Path], tfds_dir: Optional[str] = None, manual_dir: Optional[str] = None,
+               image_format: str = "jpg", overwrite: bool = False, latest_versions: bool = False,
+               download: bool = True) -> Path:
+    """Read one task from TFDS and write ``<out>/<canonical task>``; returns the task folder."""
+    name = canonical_task(task)
+    if name not in TASK_SPECS:
+        raise ValueError(f"unknown VTAB task {task!r}; expected one of {list(VTAB_TASKS)}")
+    spec = TASK_SPECS[name]
+    task_dir = Path(out) / name
+    if task_dir.exists() and not overwrite:
+        raise FileExistsError(f"{task_dir} already exists; pass --overwrite to rebuild it")
+    builder = _builder(_import_tfds(), spec, tfds_dir, manual_dir, latest_versions, download)
+    splits = {split: tfds_examples(builder, spec, split) for split in ("train800", "val200", "test")}
+    write_task(task_dir, splits, image_format, spec.num_classes, overwrite=overwrite)
+    return task_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; builds every requested task, reports failures, and returns 1 if any failed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(VTAB_TASKS),
+                        help="tasks to build, either spelling (default: all 19)")
+    parser.add_argument("--out", default="data/vtab-1k", help="output root (default: data/vtab-1k)")
+    parser.add_argument("--tfds-dir", default=None, help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
+    parser.add_argument("--manual-dir", default=None,
+                        help="folder holding manual downloads (resisc45, diabetic_retinopathy)")
+    parser.add_argument("--format", choices=sorted(_FORMATS), default="jpg", dest="image_format",
+                        help="image file format (default jpg, quality 95)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild task folders that already exist")
+    parser.add_argument("--latest-versions", action="store_true",
+                        help="use TFDS's current dataset versions instead of the ones VTAB pinned")
+    parser.add_argument("--no-download", action="store_true", help="only read datasets TFDS already prepared")
+    args = parser.parse_args(argv)
+
+    unknown = [t for t in args.tasks if canonical_task(t) not in VTAB_TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; choose from {list(VTAB_TASKS)}")
+    failures: Dict[str, str] = {}
+    for task in args.tasks:
+        try:
+            path = build_task(task, args.out, args.tfds_dir, args.manual_dir, args.image_format, args.overwrite,
+                              args.latest_versions, download=not args.no_download)
+        except (RuntimeError, ValueError, FileExistsError, OSError) as err:
+            failures[task] = str(err)
+            print(f"[build_vtab] {task}: FAILED: {err}", file=sys.stderr)
+            continue
+        print(f"[build_vtab] {task}: wrote {path}")
+    if failures:
+        print(f"[build_vtab] {len(failures)} task(s) failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    print(f"[build_vtab] done; check with: python -m data.verify_vtab {args.out} --tasks {' '.join(args.tasks)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,240 @@
+"""Runtime VTAB-1k dataset: list-file loading, task lookup and the official transforms (facts §6).
+
+Every data problem (missing folder or list file, malformed line, bad label, missing or corrupt image,
+empty split) raises :class:`DataError` naming the file, so a broken dataset fails before training
+starts instead of mid-epoch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from data.layout import EXPECTED_LAYOUT, parse_list_line, task_dir_candidates
+from data.vtab_splits import LIST_SPLITS, TASK_ALIASES, VTAB_GROUPS, VTAB_TASKS, canonical_task
+
+__all__ = [
+    "VTAB_TASKS", "VTAB_GROUPS", "TASK_ALIASES", "DataError", "canonical_task", "resolve_task_dir",
+    "task_num_classes", "read_list_file", "ImageListDataset", "build_transform", "build_dataset",
+    "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+_NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
+_MAX_NAMED = 5  # how many offending files an error message lists before summarising
+
+
+class DataError(ValueError):
+    """A dataset on disk does not match the expected VTAB-1k layout or content."""
+
+
+def resolve_task_dir(root: PathLike, task: str) -> Path:
+    """Folder of ``task`` under ``root``, accepting either spelling (``cifar``/``cifar100``, ...)."""
+    candidates = task_dir_candidates(root, task)
+    for path in candidates:
+        if path.is_dir():
+            return path
+    tried = ", ".join(str(p) for p in candidates)
+    hint = "" if Path(root).is_dir() else f" (the root {root} itself does not exist)"
+    raise DataError(f"task folder for {task!r} not found{hint}; tried: {tried}. Expected layout: {EXPECTED_LAYOUT}")
+
+
+def task_num_classes(task: str, root: Optional[PathLike] = None) -> Optional[int]:
+    """Class count of a VTAB task; for a custom task the line count of ``<task>/classes.txt``, else None."""
+    canon = canonical_task(task)
+    if canon in VTAB_TASKS:
+        return VTAB_TASKS[canon]
+    if root is not None:
+        classes = _read_classes(root, task)
+        if classes is not None:
+            return len(classes)
+    return None
+
+
+def _read_classes(root: PathLike, task: str) -> Optional[List[str]]:
+    for path in task_dir_candidates(root, task):
+        names = path / "classes.txt"
+        if names.is_file():
+            return [line.strip() for line in names.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return None
+
+
+def _read_list(path: PathLike) -> List[Tuple[int, str, int]]:
+    """(line number, relative path, label) for every non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"list file not found: {path}. Expected layout: {EXPECTED_LAYOUT}")
+    entries: List[Tuple[int, str, int]] = []
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rel, label = parse_list_line(line)
+            except ValueError as err:
+                raise DataError(f"{path}:{lineno}: malformed line {line.rstrip()!r}: {err}") from None
+            entries.append((lineno, rel, label))
+    return entries
+
+
+def read_list_file(path: PathLike) -> List[Tuple[str, int]]:
+    """``<relative path> <int label>`` per line; blank lines ignored; a bad line raises with file:line."""
+    return [(rel, label) for _, rel, label in _read_list(path)]
+
+
+def _check_image(path: str) -> Optional[str]:
+    """None when PIL can verify and decode the file, else the reason."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:  # verify() leaves the image unusable and skips decoding
+            img.load()
+    except Exception as err:  # any decoder failure means the file is unusable
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _summarise(items: List[str]) -> str:
+    shown = "; ".join(items[:_MAX_NAMED])
+    more = f"; ... and {len(items) - _MAX_NAMED} more" if len(items) > _MAX_NAMED else ""
+    return shown + more
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Images of one split of a VTAB-1k task folder; ``__getitem__`` returns ``(image, label)``.
+
+    ``num_classes`` comes from the argument, else the VTAB table (or ``classes.txt``), else max label + 1.
+    With ``skip_bad_images`` every image is decoded once here and unusable ones are dropped
+    (``.skipped`` counts them); otherwise missing files fail here and corrupt ones at load time.
+    """
+
+    def __init__(self, root: PathLike, task: str, split: str, transform: Optional[Callable] = None,
+                 num_classes: Optional[int] = None, skip_bad_images: bool = False) -> None:
+        self.root = Path(root)
+        self.task = task
+        self.split = split
+        self.transform = transform
+        self.task_dir = resolve_task_dir(root, task).absolute()
+        self.list_path = self.task_dir / f"{split}.txt"
+        if not self.list_path.is_file():
+            present = sorted(p.name for p in self.task_dir.glob("*.txt"))
+            raise DataError(
+                f"list file for split {split!r} not found: {self.list_path} (present: {present or 'none'}; "
+                f"VTAB-1k splits: {', '.join(LIST_SPLITS)}). Expected layout: {EXPECTED_LAYOUT}")
+        entries = _read_list(self.list_path)
+        if not entries:
+            raise DataError(f"split {split!r} is empty: {self.list_path} has no '<path> <label>' lines")
+
+        self.classes = _read_classes(root, task)
+        if num_classes is None:
+            num_classes = task_num_classes(task, root)
+        if num_classes is None:
+            num_classes = max(label for _, _, label in entries) + 1
+        self.num_classes = int(num_classes)
+        for lineno, _, label in entries:
+            if not 0 <= label < self.num_classes:
+                raise DataError(f"{self.list_path}:{lineno}: label {label} outside [0, {self.num_classes}) "
+                                f"for task {task!r} with {self.num_classes} classes")
+
+        samples = [(lineno, os.path.join(self.task_dir, rel), label) for lineno, rel, label in entries]
+        missing = [(lineno, p) for lineno, p, _ in samples if not os.path.exists(p)]
+        self.skipped = 0
+        if skip_bad_images:
+            bad = {p: "missing" for _, p in missing}
+            for _, p, _ in samples:
+                if p not in bad:
+                    reason = _check_image(p)
+                    if reason is not None:
+                        bad[p] = reason
+            if bad:
+                kept = [s for s in samples if s[1] not in bad]
+                self.skipped = len(samples) - len(kept)  # list entries dropped
+                samples = kept
+                logger.warning("%s: skipped %d unusable image(s) of %d listed (%s)", self.list_path, self.skipped,
+                               len(entries), _summarise([f"{p} ({why})" for p, why in bad.items()]))
+            if not samples:
+                raise DataError(f"split {split!r} is empty after skipping bad images: {self.list_path}")
+        elif missing:
+            named = [f"{self.list_path}:{lineno}: {p}" for lineno, p in missing]
+            raise DataError(f"{len(missing)} image file(s) listed in {self.list_path} do not exist: "
+                            f"{_summarise(named)}")
+
+        self.samples: List[Tuple[str, int]] = [(p, label) for _, p, label in samples]
+        self.targets: List[int] = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, index: int) -> Image.Image:
+        """The RGB PIL image of sample ``index``; a file PIL cannot read raises DataError naming it."""
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as err:  # report any decoder failure with the file name
+            raise DataError(f"cannot read image {path} (listed in {self.list_path}): {err}") from err
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        image = self.load_image(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.samples[index][1]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(task={self.task!r}, split={self.split!r}, n={len(self)}, "
+                f"num_classes={self.num_classes}, dir={str(self.task_dir)!r})")
+
+
+def build_transform(img_size: int = 224, normalization: str = "imagenet", augment: str = "",
+                    is_train: bool = False) -> Callable:
+    """The official VTAB transform (bicubic resize to a square, ToTensor, Normalize), same for train and test.
+
+    ``augment`` (a timm auto-augment string such as ``"rand-m9-mstd0.5"``) only applies when training and
+    swaps in timm's training pipeline; the paper trains without augmentation.
+    """
+    key = (normalization or "imagenet").lower()
+    if key not in _NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {sorted(_NORMALIZATIONS)}")
+    mean, std = _NORMALIZATIONS[key]
+    if augment and is_train:
+        from timm.data import create_transform
+
+        return create_transform(img_size, is_training=True, auto_augment=augment, interpolation="bicubic",
+                                mean=mean, std=std)
+    return transforms.Compose([
+        transforms.Resize((img_size, img_size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, dict) or hasattr(cfg, "get"):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None and default is not None else value
+
+
+def build_dataset(data_cfg: Any, split: str, img_size: int, is_train: bool) -> ImageListDataset:
+    """Dataset for ``split`` from a config mapping with root, task, normalization, num_classes, augment,
+    skip_bad_images (missing optional keys take the official defaults)."""
+    root = _cfg_get(data_cfg, "root")
+    task = _cfg_get(data_cfg, "task")
+    if not root or not task:
+        raise DataError(f"data config needs 'root' and 'task' (got root={root!r}, task={task!r})")
+    transform = build_transform(img_size, _cfg_get(data_cfg, "normalization", "imagenet"),
+                                _cfg_get(data_cfg, "augment", "") or "", is_train)
+    return ImageListDataset(root, task, split, transform=transform, num_classes=_cfg_get(data_cfg, "num_classes"),
+                            skip_bad_images=bool(_cfg_get(data_cfg, "skip_bad_images", False)))

@@ -1,0 +1,42 @@
+"""Shared test fixtures."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# ---------------------------------------------------------------------------------------------------
+# Data fixtures: small VTAB-1k task folders written with PIL (independent of data/build_vtab.py).
+
+def write_vtab_task(root: Path, task: str = "cifar", sizes: Optional[Dict[str, int]] = None, test_size: int = 4,
+                    num_classes: int = 10, image_size: int = 4, seed: int = 0) -> Path:
+    """Write ``root/task`` in the VTAB-1k layout with distinct random PNGs; labels cycle over the classes.
+
+    ``sizes`` gives train800/val200 counts (default 800/200); train800val200 is their concatenation.
+    """
+    sizes = sizes or {"train800": 800, "val200": 200}
+    rng = np.random.default_rng(seed)
+    task_dir = Path(root) / task
+    lists: Dict[str, list] = {}
+    for split, count in (("train800", sizes["train800"]), ("val200", sizes["val200"]), ("test", test_size)):
+        (task_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(count):
+            rel = f"images/{split}/{i:06d}.png"
+            pixels = rng.integers(0, 256, size=(image_size, image_size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(task_dir / rel)
+            lines.append(f"{rel} {i % num_classes}")
+        lists[split] = lines
+    lists["train800val200"] = lists["train800"] + lists["val200"]
+    for split, lines in lists.items():
+        (task_dir / f"{split}.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return task_dir
+
+
+@pytest.fixture
+def make_vtab_task() -> Callable[..., Path]:
+    """Factory fixture around :func:`write_vtab_task`."""
+    return write_vtab_task
