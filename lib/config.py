@@ -139,6 +139,11 @@ def _leaf_type(key: str) -> type | None:
     return type(_LEAF_DEFAULTS[key])
 
 
+def _leaf_type_of_list(key: str) -> type:
+    """Element type of a list key (all list defaults are non-empty and homogeneous)."""
+    return type(_LEAF_DEFAULTS[key][0])
+
+
 def _suggest(key: str) -> str:
     """' did you mean X?' for the nearest valid key (same leaf name elsewhere, else closest spelling)."""
     leaf = key.rsplit(".", 1)[-1]
@@ -196,7 +201,7 @@ _Dumper.add_representer(list, lambda d, data: d.represent_sequence("tag:yaml.org
 def _parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text; syntax errors name the source and line."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no arbitrary objects
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -210,6 +215,7 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 # ------------------------------------------------------------------------------------- structure checks
 def _type_name(key: str) -> str:
+    """What a key expects, in words, for error messages."""
     if key in _SECTIONS:
         return "a mapping"
     kind = _leaf_type(key)
@@ -218,10 +224,6 @@ def _type_name(key: str) -> str:
         elem = _leaf_type_of_list(key)
         name = f"a list of {elem.__name__}"
     return f"{name} or null" if key in _NULLABLE else name
-
-
-def _leaf_type_of_list(key: str) -> type:
-    return type(_LEAF_DEFAULTS[key][0])
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -318,7 +320,7 @@ def _schedule_errors(cfg: Mapping) -> list[str]:
 
 
 def _bound(cfg: Mapping, key: str, low: float, *, strict: bool = False, high: float | None = None) -> list[str]:
-    """`key` >= low (> low if strict) and < high; written with `not` so that NaN fails too."""
+    """`key` >= low (> low if strict) and < high; tested positively, so NaN fails too."""
     value = _get(cfg, key)
     if value is None:
         return []
