@@ -1,0 +1,152 @@
+"""scripts/vtab.sh and scripts/vtab_all.sh with a stand-in interpreter that records the train.py calls.
+
+``PYTHON`` points at a small script: calls to train.py (directly or through torch.distributed.run) are
+logged and succeed or fail on demand; anything else (vtab_all's config lookup) runs in the real Python.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VTAB = ROOT / "scripts" / "vtab.sh"
+VTAB_ALL = ROOT / "scripts" / "vtab_all.sh"
+OFFICIAL_ORDER = ("cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397 patch_camelyon eurosat "
+                  "resisc45 diabetic_retinopathy clevr_count clevr_dist dmlab kitti dsprites_loc dsprites_ori "
+                  "smallnorb_azi smallnorb_ele").split()
+
+FAKE = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+if "train.py" not in args:
+    os.execv({python!r}, [{python!r}] + args)
+task = [a for a in args if a.startswith("data.task=")][-1].split("=", 1)[1]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({{"args": args, "cwd": os.getcwd(), "task": task,
+                        "cvd": os.environ.get("CUDA_VISIBLE_DEVICES")}}) + "\\n")
+sys.exit(1 if task in os.environ.get("FAKE_FAIL", "").split() else 0)
+"""
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Tuple[Dict[str, str], Path]:
+    """(environment for the scripts, call log)."""
+    python = tmp_path / "fakepython"
+    python.write_text(FAKE.format(python=sys.executable))
+    python.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("GPU", "CUDA_VISIBLE_DEVICES", "NPROC", "TASKS")}
+    env.update(PYTHON=str(python), FAKE_LOG=str(log))
+    return env, log
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "cfgs" / "tiny.yaml"
+    path.parent.mkdir()
+    path.write_text(f"_base_: {ROOT / 'configs' / 'demo' / 'digits.yaml'}\n")
+    return path
+
+
+def run(script: Path, args: List[str], env: Dict[str, str], **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script)] + args, env={**env, **extra}, capture_output=True, text=True,
+                          timeout=60, cwd="/")
+
+
+def calls(log: Path) -> List[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_vtab_sh_runs_train_py_from_the_repo_with_resume_auto(fake, config: Path) -> None:
+    env, log = fake
+    proc = run(VTAB, ["dtd", str(config), "train.epochs=2", "output_dir=/tmp/x"], env)
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls(log)
+    assert call["cwd"] == str(ROOT)
+    assert call["args"] == ["train.py", "--config", str(config), "--resume", "auto", "train.epochs=2",
+                            "output_dir=/tmp/x", "data.task=dtd"]
+    assert call["cvd"] is None
+
+
+def test_vtab_sh_flags_gpu_and_config_shorthand(fake) -> None:
+    env, log = fake
+    assert run(VTAB, ["kitti", "demo/digits", "--overwrite", "seed=1"], env, GPU="3").returncode == 0
+    assert run(VTAB, ["kitti", "configs/demo/digits.yaml", "--resume", "/ck/last.pth"], env, GPU="3",
+               CUDA_VISIBLE_DEVICES="1").returncode == 0
+    first, second = calls(log)
+    digits = str(ROOT / "configs" / "demo" / "digits.yaml")
+    assert first["args"] == ["train.py", "--config", digits, "--overwrite", "seed=1", "data.task=kitti"]
+    assert first["cvd"] == "3"
+    assert second["args"] == ["train.py", "--config", digits, "--resume", "/ck/last.pth", "data.task=kitti"]
+    assert second["cvd"] == "1"  # an explicit CUDA_VISIBLE_DEVICES wins over GPU
+
+
+def test_vtab_sh_multi_gpu_uses_torchrun(fake, config: Path) -> None:
+    env, log = fake
+    assert run(VTAB, ["svhn", str(config)], env, NPROC="2").returncode == 0
+    (call,) = calls(log)
+    assert call["args"][:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+
+
+def test_vtab_sh_rejects_bad_usage(fake, config: Path) -> None:
+    env, log = fake
+    assert run(VTAB, ["dtd"], env).returncode == 2
+    assert run(VTAB, ["dtd", "no/such/config.yaml"], env).returncode == 2
+    assert run(VTAB, ["dtd", str(config), "data.task=kitti"], env).returncode == 2
+    assert run(VTAB, ["dtd", str(config)], env, NPROC="x").returncode == 2
+    assert calls(log) == []
+    failing = run(VTAB, ["dtd", str(config)], env, FAKE_FAIL="dtd")
+    assert failing.returncode == 1
+
+
+def test_vtab_all_runs_19_tasks_in_official_order(fake, config: Path, tmp_path: Path) -> None:
+    env, log = fake
+    proc = run(VTAB_ALL, ["--gpu", "5", str(config), f"output_dir={tmp_path / 'out'}"], env)
+    assert proc.returncode == 0, proc.stderr
+    made = calls(log)
+    assert [c["task"] for c in made] == OFFICIAL_ORDER
+    assert {c["cvd"] for c in made} == {"5"}
+    assert all(c["args"][:5] == ["train.py", "--config", str(config), "--resume", "auto"] for c in made)
+
+
+def test_vtab_all_skips_finished_continues_past_failures(fake, config: Path, tmp_path: Path) -> None:
+    env, log = fake
+    out = tmp_path / "out"
+    # Finished runs: kitti under its own name, oxford_iiit_pet under the paper's spelling.
+    for task in ("kitti", "oxford_pet"):
+        (out / "tiny" / task).mkdir(parents=True)
+        (out / "tiny" / task / "final.json").write_text('{"finished": true}')
+    (out / "tiny" / "dtd").mkdir()                      # unfinished: no final.json -> resumed
+    proc = run(VTAB_ALL, [str(config), f"output_dir={out}"], env,
+               TASKS="cifar100 kitti oxford_iiit_pet dtd svhn", FAKE_FAIL="cifar svhn")
+    assert proc.returncode == 1
+    assert [c["task"] for c in calls(log)] == ["cifar", "dtd", "svhn"]
+    assert "failed tasks: cifar svhn" in proc.stderr
+    assert "skip kitti" in proc.stderr and "skip oxford_iiit_pet" in proc.stderr
+
+    # --overwrite re-runs finished tasks; experiment= moves the folder that is checked.
+    log.unlink()
+    proc = run(VTAB_ALL, [str(config), f"output_dir={out}", "--overwrite"], env, TASKS="kitti")
+    assert proc.returncode == 0 and [c["task"] for c in calls(log)] == ["kitti"]
+    assert "--overwrite" in calls(log)[0]["args"] and "--resume" not in calls(log)[0]["args"]
+    log.unlink()
+    (out / "renamed" / "dtd").mkdir(parents=True)
+    (out / "renamed" / "dtd" / "final.json").write_text("{}")
+    proc = run(VTAB_ALL, [str(config), f"output_dir={out}", "experiment=renamed"], env, TASKS="dtd kitti")
+    assert proc.returncode == 0, proc.stderr
+    assert [c["task"] for c in calls(log)] == ["kitti"]
+
+
+def test_vtab_all_bad_config_fails_once(fake, config: Path) -> None:
+    env, log = fake
+    proc = run(VTAB_ALL, [str(config), "train.epochz=3"], env)
+    assert proc.returncode == 2 and "train.epochz" in proc.stderr
+    assert run(VTAB_ALL, [str(config), "data.task=dtd"], env).returncode == 2
+    assert run(VTAB_ALL, [], env).returncode == 2
+    assert calls(log) == []
