@@ -89,19 +89,30 @@ def write_task(task_dir: Union[str, Path], splits: Mapping[str, Iterable[Example
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
 
+    try:
+        lists = _write_splits(partial, splits, image_format, num_classes, expected)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(task_dir)
+    return lists
+
+
+def _write_splits(partial: Path, splits: Mapping[str, Iterable[Example]], image_format: str,
+                  num_classes: Optional[int], expected: Mapping[str, int]) -> Dict[str, List[Tuple[str, int]]]:
+    name = partial.name[: -len(".partial")]
     lists: Dict[str, List[Tuple[str, int]]] = {}
     for split, examples in splits.items():
         lists[split] = write_split(partial, split, examples, image_format, num_classes)
     lists["train800val200"] = lists["train800"] + lists["val200"]
     for split, entries in lists.items():
         if split in expected and len(entries) != expected[split]:
-            raise ValueError(f"{task_dir.name}: split {split} has {len(entries)} examples, expected {expected[split]}")
+            raise ValueError(f"{name}: split {split} has {len(entries)} examples, expected {expected[split]}")
         if not entries:
-            raise ValueError(f"{task_dir.name}: split {split} is empty")
+            raise ValueError(f"{name}: split {split} is empty")
     order = ["train800", "val200", "train800val200"] + [s for s in lists if s not in EXPECTED_SPLIT_SIZES]
     for split in order:
         write_list(partial, split, lists[split])
-    partial.rename(task_dir)
     return {split: lists[split] for split in order}
 
 
@@ -191,9 +202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             path = build_task(task, args.out, args.tfds_dir, args.manual_dir, args.image_format, args.overwrite,
                               args.latest_versions, download=not args.no_download)
-        except (RuntimeError, ValueError, FileExistsError, OSError) as err:
+        except Exception as err:  # one failed task (e.g. a missing manual download) must not stop the others
             failures[task] = str(err)
-            print(f"[build_vtab] {task}: FAILED: {err}", file=sys.stderr)
+            print(f"[build_vtab] {task}: FAILED: {type(err).__name__}: {err}", file=sys.stderr)
             continue
         print(f"[build_vtab] {task}: wrote {path}")
     if failures:
