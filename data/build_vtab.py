@@ -1,11 +1,12 @@
-"""Build VTAB-1k folders from TensorFlow Datasets (facts §6).
+"""Build VTAB-1k folders from TensorFlow Datasets, with VTAB's splits and label derivations.
 
     python -m data.build_vtab --out data/vtab-1k [--tasks cifar dtd ...] [--tfds-dir DIR] [--manual-dir DIR]
 
 TensorFlow Datasets is an optional extra (``pip install -r data/requirements-vtab.txt``) imported only
 when a task is actually read; the writing half (:func:`write_task`) takes plain ``(ndarray, label)``
-iterables so it is usable and testable without it. A task folder is written under ``<task>.partial``
-and renamed when complete, so an interrupted build never leaves a folder that looks finished.
+iterables so it is usable and testable without it. Split strings and labels live in data/vtab_splits.py.
+A task folder is written under ``<task>.partial`` and renamed when complete, so an interrupted build
+never leaves a folder that looks finished.
 """
 from __future__ import annotations
 
@@ -197,6 +198,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [t for t in args.tasks if canonical_task(t) not in VTAB_TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {list(VTAB_TASKS)}")
+    try:
+        _import_tfds()
+    except RuntimeError as err:
+        print(f"[build_vtab] {err}", file=sys.stderr)
+        return 1
     failures: Dict[str, str] = {}
     for task in args.tasks:
         try:

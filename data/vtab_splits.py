@@ -259,13 +259,16 @@ def _splits(train: str, val: str, test: str) -> Dict[str, str]:
 
 _STANDARD = _splits("train[:800]", "validation[:200]", "test")
 _RESISC_MANUAL = (
-    "resisc45 needs a manual download: get NWPU-RESISC45.rar (see the TFDS resisc45 page) and put it in "
-    "<tfds-dir>/downloads/manual/ (or pass --manual-dir)."
+    "resisc45 needs a manual download: get NWPU-RESISC45.rar (link on the TFDS catalog page for resisc45) and "
+    "extract it into the manual dir (<tfds-dir>/downloads/manual/ by default, or --manual-dir), so that "
+    "NWPU-RESISC45/<class>/*.jpg sits there."
 )
 _RETINO_MANUAL = (
-    "diabetic_retinopathy (btgraham-300) needs the Kaggle 'Diabetic Retinopathy Detection' files "
-    "(train.zip.00*, test.zip.00*, trainLabels.csv, sample.zip, retinopathy_solution.csv; accept the "
-    "competition rules on Kaggle first) in <tfds-dir>/downloads/manual/ (or pass --manual-dir)."
+    "diabetic_retinopathy (btgraham-300) needs a manual download: accept the rules of the Kaggle competition "
+    "'Diabetic Retinopathy Detection', download its files and unpack them into the manual dir "
+    "(<tfds-dir>/downloads/manual/ by default, or --manual-dir) as the TFDS catalog page for "
+    "diabetic_retinopathy_detection describes (train/, test/, sample/, trainLabels.csv and the test labels "
+    "retinopathy_solution.csv); btgraham-300 preprocessing also needs OpenCV (in data/requirements-vtab.txt)."
 )
 
 TASK_SPECS: Dict[str, TaskSpec] = {

@@ -355,10 +355,13 @@ def test_manual_download_failure_explains(tmp_path, fake_tfds, capsys):
     assert not list(Path(tmp_path).iterdir())
 
 
-def test_missing_tfds_names_requirements(tmp_path, monkeypatch):
+def test_missing_tfds_names_requirements(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails as if not installed
     with pytest.raises(RuntimeError, match="data/requirements-vtab.txt"):
         build_task("cifar100", tmp_path)
+    assert build_vtab.main(["--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.count("data/requirements-vtab.txt") == 1  # said once, not per task
+    assert not list(tmp_path.iterdir())
     with pytest.raises(SystemExit):
         build_vtab.main(["--tasks", "imagenet"])
     with pytest.raises(ValueError, match="unknown VTAB task"):
