@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Accuracy of a trained checkpoint on a task, and what merging and LoRA folding buy at inference.
+
+    python eval.py --config configs/vit_b16/lora_pyra_high.yaml --checkpoint logs/.../best.pth data.task=cifar
+    python eval.py --config configs/demo/digits.yaml --checkpoint logs/demo/digits/digits/best.pth --json
+
+The efficiency table has the configured merging and no merging, each with LoRA folded and not:
+parameters, fvcore GFLOPs and images/s at the chosen batch, device and precision.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from lib.benchmark import count_flops, measure_throughput
+from lib.config import ConfigError, load_config
+from lib.data import DataError, build_dataset, task_num_classes
+from lib.distributed import DistInfo
+from lib.engine import evaluate
+from lib.loaders import build_eval_loader
+from models import CheckpointError, fold_lora, load_checkpoint, param_report, read_checkpoint
+from train import build_model, select_device
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the YAML the checkpoint was trained with")
+    p.add_argument("--checkpoint", default="", help="best.pth / last.pth of a run (or an official PYRA model)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch for throughput and evaluation")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the config's train.device)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--runs", type=int, default=5, help="timed batches per setting")
+    p.add_argument("--no-accuracy", action="store_true", help="only the efficiency report")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the result as JSON to PATH (or stdout)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def efficiency_table(model: torch.nn.Module, cfg: Any, device: torch.device, batch: int, precision: str,
+                     runs: int) -> List[Dict[str, Any]]:
+    """Configured merging vs none, LoRA folded vs not; throughput measured round-robin to cancel drift."""
+    folded = fold_lora(copy.deepcopy(model))
+    schedule = model.r
+    settings = [("merged" if any(schedule) else "configured", schedule)] + ([("no merging", 0)] if any(schedule)
+                                                                             else [])
+    rows = {}
+    for name, r in settings:
+        for fold, m in (("unfolded", model), ("folded", folded)):
+            m.r = r
+            rows[(name, fold)] = {"setting": name, "lora": fold, "r": list(m.r),
+                                  "parameters": param_report(m)["total"][0],
+                                  "gflops": count_flops(m, cfg.model.img_size) / 2 ** 30, "rates": []}
+    for _ in range(runs):
+        for (name, fold), row in rows.items():
+            m = folded if fold == "folded" else model
+            m.r = dict(settings)[name]
+            row["rates"].append(measure_throughput(m, batch, cfg.model.img_size, device, precision,
+                                                   warmup=1, runs=1)["images_per_s"])
+    model.r = schedule
+    out = []
+    for row in rows.values():
+        rates = sorted(row.pop("rates"))
+        row.update(images_per_s=rates[len(rates) // 2], batch_size=batch, device=str(device), precision=precision)
+        out.append(row)
+    base = out[-2]["images_per_s"]  # the unfolded model without merging (or the only setting)
+    for row in out:
+        row["speedup"] = row["images_per_s"] / base
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        device = select_device(args.device or cfg.train.device, DistInfo())
+        precision = args.precision or cfg.train.precision
+        num_classes = cfg.data.num_classes or task_num_classes(cfg.data.task, cfg.data.root)
+        eval_set = None
+        if not args.no_accuracy or num_classes is None:
+            eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.model.img_size, is_train=False)
+            num_classes = eval_set.num_classes
+        model = build_model(cfg, num_classes).to(device)
+        result: Dict[str, Any] = {"config": args.config, "checkpoint": args.checkpoint, "task": cfg.data.task}
+        if args.checkpoint:
+            report = load_checkpoint(model, args.checkpoint, kind="finetuned")
+            result["checkpoint_epoch"] = read_checkpoint(args.checkpoint).get("next_epoch", 0) - 1
+            print(report.summary(), file=sys.stderr)
+        if not args.no_accuracy:
+            loader = build_eval_loader(eval_set, args.batch_size, DistInfo(), cfg.data.num_workers,
+                                       device.type == "cuda")
+            stats = evaluate(model, loader, device, precision)
+            result.update(test_acc1=stats["acc1"], test_acc5=stats["acc5"], test_loss=stats["loss"],
+                          test_count=stats["count"])
+        result["efficiency"] = efficiency_table(model, cfg, device, args.batch_size, precision, args.runs)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if "test_acc1" in result:
+        print(f"{cfg.data.task}: top-1 {result['test_acc1']:.2f}%  top-5 {result['test_acc5']:.2f}%  "
+              f"({result['test_count']} images)")
+    print(f"{'setting':<12} {'LoRA':<9} {'params':>12} {'GFLOPs':>8} {'img/s':>10} {'speed-up':>8}")
+    for row in result["efficiency"]:
+        print(f"{row['setting']:<12} {row['lora']:<9} {row['parameters']:>12,} {row['gflops']:>8.3f} "
+              f"{row['images_per_s']:>10.1f} {row['speedup']:>7.2f}x")
+    print(f"(batch {args.batch_size}, {result['efficiency'][0]['device']}, {precision})")
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Run checkpoints that survive a kill at any moment: written to a temporary file, synced, then renamed.
+
+They hold only what training changes (trainable parameters, optimizer, scheduler, scaler), where to
+continue (``next_epoch``, ``next_step``) and every RNG state, so a resumed run repeats the uninterrupted
+one exactly. Everything is tensors and plain containers, so they load with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import numpy as np
+import torch
+
+from models.checkpoint import OWN_FORMAT, read_checkpoint
+
+__all__ = ["atomic_write", "save_run_checkpoint", "load_run_checkpoint", "rng_state", "set_rng_state"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then atomically replace ``path``: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG a training step may draw from, as tensors / plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "gauss": gauss},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_run_checkpoint(path: str | os.PathLike, **payload: Any) -> None:
+    """Save a run checkpoint (``model`` = trainable state dict, optimizer, ..., config) atomically."""
+    payload = {"format": OWN_FORMAT, **payload}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_run_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a run checkpoint written by ``save_run_checkpoint`` (never unpickles code)."""
+    ckpt = read_checkpoint(str(path))
+    missing = [k for k in ("model", "optimizer", "scheduler", "next_epoch", "rng") if k not in ckpt]
+    if ckpt.get("format") != OWN_FORMAT or missing:
+        raise ValueError(f"{path} is not a resumable PYRA run checkpoint (missing {missing or 'format tag'})")
+    return ckpt
+
+
+

@@ -1,0 +1,145 @@
+"""One training epoch and an exact (distributed) evaluation."""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .benchmark import autocast_ctx
+from .distributed import all_reduce_sum, is_main
+
+__all__ = ["ResumableSampler", "EpochState", "NonFiniteLossError", "train_one_epoch", "evaluate"]
+
+log = logging.getLogger("pyra")
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled by seed + epoch, one shard per rank) that can start mid-epoch."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Epoch ``epoch``, skipping its first ``start`` samples of this rank (resume after pre-emption)."""
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+@dataclass
+class EpochState:
+    """Where an epoch is: steps done and the running loss sums (enough to resume it mid-way)."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+    finished: bool = False
+    seconds: float = 0.0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stops and the last good checkpoint is kept."""
+
+
+def _progress(loader: DataLoader, total: int, desc: str):
+    """A progress bar on a terminal (main process), the plain iterator otherwise."""
+    if is_main() and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(loader, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return loader
+
+
+def train_one_epoch(
+        model: nn.Module,
+        loader: DataLoader,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        epoch: int,
+        state: EpochState,
+        precision: str = "fp32",
+        scaler: Optional[torch.amp.GradScaler] = None,
+        clip_grad: Optional[float] = None,
+        should_stop: Callable[[], bool] = lambda: False,
+) -> EpochState:
+    """Train until the loader ends or ``should_stop()`` (then ``state.finished`` stays False)."""
+    model.train()
+    start = time.perf_counter()
+    total = state.step + len(loader)
+    log_every = max(1, total // 10)  # plain progress lines when there is no terminal for a bar
+    for images, targets in _progress(loader, total=len(loader), desc=f"epoch {epoch}"):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast_ctx(device, precision):
+            loss = F.cross_entropy(model(images), targets)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {state.step}; "
+                                     f"stopping (the last good checkpoint is kept)")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(_trainable(model), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(_trainable(model), clip_grad)
+            optimizer.step()
+        state.step += 1
+        state.loss_sum += loss.item() * targets.shape[0]
+        state.samples += targets.shape[0]
+        if not sys.stderr.isatty() and state.step % log_every == 0:
+            log.info(f"epoch {epoch} step {state.step}/{total} loss {loss.item():.4f}")
+        if should_stop():
+            break
+    else:
+        state.finished = True
+    state.seconds += time.perf_counter() - start
+    return state
+
+
+def _trainable(model: nn.Module):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32") -> Dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over the whole split; sums are reduced over ranks, so the result
+    equals a single-process evaluation (each rank sees a disjoint shard, nothing padded)."""
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    for images, targets in _progress(loader, total=len(loader), desc="eval"):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast_ctx(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(targets[:, None])
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += targets.shape[0]
+    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    if count == 0:
+        raise ValueError("evaluation split is empty")
+    return {"loss": loss_sum / count, "acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count,
+            "count": int(count)}

@@ -1,0 +1,58 @@
+"""Run outputs: a human-readable ``train.log`` (and console) and ``log.txt`` with one JSON line per
+evaluated epoch, flushed and synced as written so a killed run keeps every finished line."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .checkpointing import atomic_write
+
+__all__ = ["setup_logger", "JsonLog"]
+
+
+def setup_logger(log_file: Optional[Path], main_process: bool = True) -> logging.Logger:
+    """The ``pyra`` logger: console + ``train.log`` on the main process, silent elsewhere."""
+    logger = logging.getLogger("pyra")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    if main_process:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            file = logging.FileHandler(log_file)
+            file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            logger.addHandler(file)
+    return logger
+
+
+class JsonLog:
+    """``log.txt``: one JSON object per line, the official keys plus this project's."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: Dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_to(self, next_epoch: int) -> None:
+        """Keep only epochs before ``next_epoch`` (a resumed run rewrites what came after its checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] < next_epoch:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by the kill
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))

@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Adapt a pretrained ViT to one task with PEFT + ToMe (+ PYRA) and log what the paper reports.
+
+    python train.py                                   # the CPU demo (configs/demo/digits.yaml)
+    python train.py --config configs/vit_b16/lora_pyra_high.yaml data.task=cifar
+    torchrun --nproc_per_node 4 train.py --config ... --resume auto
+
+Outputs go to ``<output_dir>/<experiment>/<task>/``: log.txt (JSON per evaluated epoch), train.log,
+config.yaml, efficiency.json, last.pth, best.pth and, once finished, final.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from lib.benchmark import count_flops, measure_throughput, tokens_per_layer
+from lib.checkpointing import atomic_write, load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state
+from lib.config import ConfigError, config_to_dict, load_config, save_config
+from lib.data import DataError, build_dataset, canonical_task
+from lib.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, is_main
+from lib.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
+from lib.loaders import build_eval_loader, build_train_loader
+from lib.logger import JsonLog, setup_logger
+from lib.optim import build_optimizer, build_scheduler
+from models import CheckpointError, create_model, load_checkpoint, param_report, trainable_state_dict
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"
+EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE = 2, 3, 4
+RUN_FILES = ("log.txt", "train.log", "config.yaml", "efficiency.json", "last.pth", "best.pth", "final.json")
+
+log = logging.getLogger("pyra")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"YAML experiment (default: the CPU demo, {DEMO_CONFIG.name})")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from last.pth of this run ('auto': if there is one) or from PATH")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing (even finished) run")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=10")
+    return p.parse_args(argv)
+
+
+def select_device(name: str, dist: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name!r} but CUDA is not available")
+        return torch.device("cuda", dist.local_rank if dist.enabled else torch.device(name).index or 0)
+    return torch.device(name)
+
+
+def run_dir(cfg: Any) -> Path:
+    return Path(cfg.output_dir) / cfg.experiment / canonical_task(cfg.data.task)
+
+
+def prepare_run_dir(out: Path, resume: Optional[str], overwrite: bool) -> Optional[Path]:
+    """Decide what an existing folder means: refuse to clobber, resume, or start over. Returns the
+    checkpoint to resume from, if any."""
+    finished, last = out / "final.json", out / "last.pth"
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        return Path(resume) if resume not in (None, "auto") else None
+    if finished.exists():
+        raise FileExistsError(f"{out} holds a finished run ({finished}); pass --overwrite to train it again")
+    if resume == "auto":
+        return last if last.exists() else None
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        return Path(resume)
+    if last.exists():
+        raise FileExistsError(f"{out} holds an unfinished run ({last}); pass --resume auto to continue it "
+                              f"or --overwrite to start over")
+    return None
+
+
+def build_model(cfg: Any, num_classes: int) -> nn.Module:
+    m = cfg.model
+    custom = dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size) \
+        if m.name == "vit" else {}
+    model = create_model(
+        m.name, num_classes=num_classes, peft=cfg.peft.type, peft_dim=cfg.peft.dim, peft_dropout=cfg.peft.dropout,
+        peft_init=cfg.peft.init, merging=cfg.merging.r, pyra=cfg.merging.pyra, prop_attn=cfg.merging.prop_attn,
+        drop_path_rate=m.drop_path_rate, img_size=m.img_size, **custom)
+    if m.pretrained:
+        report = load_checkpoint(model, m.pretrained, kind="pretrained")
+        log.info(report.summary())
+    return model
+
+
+def efficiency_report(model: nn.Module, cfg: Any, device: torch.device) -> Dict[str, Any]:
+    """Parameters, fvcore FLOPs, throughput at the batch actually used, and tokens per layer."""
+    params = param_report(model)
+    out: Dict[str, Any] = {
+        "n_parameters": params["total"][1], "total_parameters": params["total"][0],
+        "parameters": {k: {"total": v[0], "trainable": v[1]} for k, v in params.items()},
+        "tokens_per_layer": tokens_per_layer(model, cfg.model.img_size),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "precision": cfg.train.precision,
+    }
+    if cfg.report.flops:
+        out["flops"] = count_flops(model, cfg.model.img_size)
+        out["gflops"] = out["flops"] / 2 ** 30
+    speed = measure_throughput(model, cfg.report.benchmark_batch, cfg.model.img_size, device, cfg.train.precision,
+                               warmup=1, runs=3, min_seconds=cfg.report.benchmark_seconds)
+    out["throughput"], out["throughput_batch"] = speed["images_per_s"], speed["batch_size"]
+    return out
+
+
+def log_efficiency(eff: Dict[str, Any]) -> None:
+    rows = [f"  {k:<9} {v['total']:>12,} total {v['trainable']:>10,} trainable" for k, v in eff["parameters"].items()]
+    log.info("parameters:\n" + "\n".join(rows))
+    if "flops" in eff:
+        log.info(f"FLOPs (fvcore, one image): {eff['flops'] / 1e9:.3f}e9 = {eff['gflops']:.3f} GFLOPs (/2^30)")
+    log.info(f"throughput: {eff['throughput']:.1f} images/s at batch {eff['throughput_batch']} "
+             f"({eff['device']}, {eff['precision']})")
+    log.info(f"tokens per layer: {eff['tokens_per_layer']}")
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (cluster pre-emption): finish the current step, checkpoint, exit."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        if not torch.distributed.is_initialized():
+            return self.signal is not None
+        flag = torch.tensor([float(self.signal is not None)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # all ranks stop together
+        return bool(flag.item())
+
+
+def merged_speedup(model: nn.Module, cfg: Any, device: torch.device) -> Optional[float]:
+    """Images/s with the configured merging over the same model without merging, measured interleaved."""
+    if not any(model.r):
+        return None
+    schedule, rates = model.r, {"merged": [], "plain": []}
+    for _ in range(3):
+        for name, r in (("merged", schedule), ("plain", 0)):
+            model.r = r
+            rates[name].append(measure_throughput(model, cfg.report.benchmark_batch, cfg.model.img_size, device,
+                                                  cfg.train.precision, warmup=1, runs=2)["images_per_s"])
+    model.r = schedule
+    return max(rates["merged"]) / max(rates["plain"])
+
+
+def train(cfg: Any, resume: Optional[str], overwrite: bool) -> Dict[str, Any]:
+    dist = init_distributed("cuda" if cfg.train.device.startswith("cuda") or (
+        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = select_device(cfg.train.device, dist)
+    out = run_dir(cfg)
+    resume_from = prepare_run_dir(out, resume, overwrite) if is_main() else None
+    if dist.enabled:  # every rank resumes from what rank 0 decided
+        holder = [str(resume_from) if resume_from else None]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        resume_from = Path(holder[0]) if holder[0] else None
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logger(out / "train.log", is_main())
+    log.info(f"run: {out}  (device {device}, {dist.world_size} process(es))")
+
+    train_set = build_dataset(cfg.data, cfg.data.train_split, cfg.model.img_size, is_train=True)
+    eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.model.img_size, is_train=False)
+    per_rank = math.ceil(len(train_set) / dist.world_size)
+    if cfg.train.drop_last and cfg.train.batch_size > per_rank:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {per_rank} samples of "
+                          f"split {cfg.data.train_split!r} per process, and train.drop_last=true would drop them all")
+    log.info(f"data: {train_set} / {eval_set}")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, train_set.num_classes).to(device)
+    eff = efficiency_report(model, cfg, device)
+    log_efficiency(eff)
+    if is_main():
+        save_config(cfg, out / "config.yaml")
+        atomic_write(out / "efficiency.json", lambda tmp: Path(tmp).write_text(json.dumps(eff, indent=2)))
+
+    pin = device.type == "cuda"
+    train_loader, sampler, loader_gen = build_train_loader(train_set, cfg.train.batch_size, dist, cfg.seed,
+                                                           cfg.data.num_workers, cfg.train.drop_last, pin)
+    eval_loader = build_eval_loader(eval_set, cfg.train.eval_batch_size, dist, cfg.data.num_workers, pin)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs)
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+
+    json_log = JsonLog(out / "log.txt")
+    start_epoch, epoch_state, best = 0, EpochState(), {"acc1": -1.0, "epoch": -1}
+    if resume_from is not None:
+        ckpt = load_run_checkpoint(resume_from)
+        missing = [k for k in trainable_state_dict(model) if k not in ckpt["model"]]
+        if missing:
+            raise CheckpointError(f"{resume_from} lacks trainable parameters {missing[:5]} of this config")
+        load_checkpoint(model, str(resume_from), kind="finetuned")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best = ckpt["next_epoch"], ckpt["best"]
+        epoch_state = EpochState(**ckpt.get("epoch_state", {}))
+        set_rng_state(ckpt["rng"])
+        if is_main():
+            json_log.truncate_to(start_epoch)
+        log.info(f"resumed from {resume_from}: epoch {start_epoch}, step {epoch_state.step}")
+
+    ddp_model = model
+    if dist.enabled:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
+    n_parameters = eff["n_parameters"]
+    stop = StopFlag(device)
+
+    def save(path: Path, next_epoch: int, state: EpochState) -> None:
+        if not is_main():
+            return
+        save_run_checkpoint(
+            path, model=trainable_state_dict(model), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+            next_epoch=next_epoch, epoch_state=vars(state).copy(), best=best, rng=rng_state(),
+            config=config_to_dict(cfg))
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        scheduler.step(epoch)  # epoch e trains at lr(e)
+        sampler.set_position(epoch, epoch_state.step * cfg.train.batch_size)
+        loader_gen.manual_seed(cfg.seed * 1000 + epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        epoch_state = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch, epoch_state,
+                                      cfg.train.precision, scaler, cfg.optim.clip_grad, should_stop=stop)
+        if not epoch_state.finished:
+            save(out / "last.pth", epoch, epoch_state)
+            log.info(f"stopped by signal {stop.signal} at epoch {epoch}, step {epoch_state.step}; "
+                     f"saved {out / 'last.pth'} — continue with --resume auto")
+            return {"interrupted": True}
+        train_loss, train_samples = all_reduce_sum([epoch_state.loss_sum, epoch_state.samples], device)
+        record = None
+        if epoch % cfg.train.eval_interval == 0 or epoch == cfg.train.epochs - 1:
+            stats = evaluate(model, eval_loader, device, cfg.train.precision)
+            if stats["acc1"] > best["acc1"]:
+                best = {"acc1": stats["acc1"], "epoch": epoch}
+            record = {"train_lr": lr, "train_loss": train_loss / train_samples, "test_loss": stats["loss"],
+                      "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
+                      "n_parameters": n_parameters, "best_acc1": best["acc1"],
+                      "epoch_time": epoch_state.seconds}
+            log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {record['train_loss']:.4f} "
+                     f"test_loss {stats['loss']:.4f} acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f} "
+                     f"(best {best['acc1']:.2f} @ {best['epoch']}) {epoch_state.seconds:.1f}s")
+        else:
+            log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {train_loss / train_samples:.4f} "
+                     f"{epoch_state.seconds:.1f}s")
+        epoch_state = EpochState()
+        if is_main():
+            if record is not None:
+                json_log.append(record)
+            save(out / "last.pth", epoch + 1, epoch_state)
+            if record is not None and best["epoch"] == epoch:
+                atomic_write(out / "best.pth", lambda tmp: shutil.copyfile(out / "last.pth", tmp))
+
+    last = json.loads((out / "log.txt").read_text().splitlines()[-1]) if is_main() else {}
+    final = {"best_acc1": best["acc1"], "best_epoch": best["epoch"], "last_acc1": last.get("test_acc1"),
+             "epochs": cfg.train.epochs, "finished": True}
+    speedup = merged_speedup(model, cfg, device) if is_main() else None
+    if speedup is not None:
+        final["merged_speedup"] = speedup
+    if is_main():
+        atomic_write(out / "final.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
+        log.info(f"final: top-1 {final['last_acc1']:.2f}% (best {best['acc1']:.2f}% at epoch {best['epoch']})"
+                 + (f"; merged vs unmerged inference: {speedup:.2f}x images/s" if speedup else ""))
+    return final
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = args.config or str(DEMO_CONFIG)
+        cfg = load_config(config, args.overrides)
+        if args.config is None:
+            ensure_demo_data(cfg)
+        result = train(cfg, args.resume, args.overwrite)
+        return 0 if result else 1
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_EXISTS
+    except NonFiniteLossError as e:
+        log.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        cleanup()
+
+
+def ensure_demo_data(cfg: Any) -> None:
+    """The embedded default writes scikit-learn's digits in the VTAB-1k layout on first use."""
+    from data.make_digits import write_digits
+
+    write_digits(cfg.data.root, cfg.data.task)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
