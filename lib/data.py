@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple, Union
 
@@ -95,6 +96,8 @@ def read_list_file(path: PathLike) -> List[Tuple[str, int]]:
 
 def _check_image(path: str) -> Optional[str]:
     """None when PIL can verify and decode the file, else the reason."""
+    if not os.path.isfile(path):
+        return "missing"
     try:
         with Image.open(path) as img:
             img.verify()
@@ -115,8 +118,9 @@ class ImageListDataset(torch.utils.data.Dataset):
     """Images of one split of a VTAB-1k task folder; ``__getitem__`` returns ``(image, label)``.
 
     ``num_classes`` comes from the argument, else the VTAB table (or ``classes.txt``), else max label + 1.
-    With ``skip_bad_images`` every image is decoded once here and unusable ones are dropped
-    (``.skipped`` counts them); otherwise missing files fail here and corrupt ones at load time.
+    With ``skip_bad_images`` every image is decoded once here and entries whose file is missing or
+    unreadable are dropped (``.skipped`` counts them, a warning is logged); otherwise missing files fail
+    here and corrupt ones when loaded.
     """
 
     def __init__(self, root: PathLike, task: str, split: str, transform: Optional[Callable] = None,
@@ -148,30 +152,32 @@ class ImageListDataset(torch.utils.data.Dataset):
                                 f"for task {task!r} with {self.num_classes} classes")
 
         samples = [(lineno, os.path.join(self.task_dir, rel), label) for lineno, rel, label in entries]
-        missing = [(lineno, p) for lineno, p, _ in samples if not os.path.exists(p)]
         self.skipped = 0
         if skip_bad_images:
-            bad = {p: "missing" for _, p in missing}
-            for _, p, _ in samples:
-                if p not in bad:
-                    reason = _check_image(p)
-                    if reason is not None:
-                        bad[p] = reason
-            if bad:
-                kept = [s for s in samples if s[1] not in bad]
-                self.skipped = len(samples) - len(kept)  # list entries dropped
-                samples = kept
-                logger.warning("%s: skipped %d unusable image(s) of %d listed (%s)", self.list_path, self.skipped,
-                               len(entries), _summarise([f"{p} ({why})" for p, why in bad.items()]))
-            if not samples:
-                raise DataError(f"split {split!r} is empty after skipping bad images: {self.list_path}")
-        elif missing:
-            named = [f"{self.list_path}:{lineno}: {p}" for lineno, p in missing]
-            raise DataError(f"{len(missing)} image file(s) listed in {self.list_path} do not exist: "
-                            f"{_summarise(named)}")
-
+            samples = self._drop_bad_images(samples)
+        else:
+            missing = [f"{self.list_path}:{lineno}: {p}" for lineno, p, _ in samples if not os.path.exists(p)]
+            if missing:
+                raise DataError(f"{len(missing)} image file(s) listed in {self.list_path} do not exist: "
+                                f"{_summarise(missing)}")
         self.samples: List[Tuple[str, int]] = [(p, label) for _, p, label in samples]
         self.targets: List[int] = [label for _, label in self.samples]
+
+    def _drop_bad_images(self, samples: List[Tuple[int, str, int]]) -> List[Tuple[int, str, int]]:
+        """Decode every listed image once; drop entries whose file is missing or unreadable and log how many."""
+        paths = sorted({p for _, p, _ in samples})
+        with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+            reasons = dict(zip(paths, pool.map(_check_image, paths)))
+        bad = {p: why for p, why in reasons.items() if why is not None}
+        if not bad:
+            return samples
+        kept = [s for s in samples if s[1] not in bad]
+        self.skipped = len(samples) - len(kept)  # list entries dropped
+        logger.warning("%s: skipped %d unusable image(s) of %d listed (%s)", self.list_path, self.skipped,
+                       len(samples), _summarise([f"{p} ({why})" for p, why in sorted(bad.items())]))
+        if not kept:
+            raise DataError(f"split {self.split!r} is empty after skipping bad images: {self.list_path}")
+        return kept
 
     def __len__(self) -> int:
         return len(self.samples)
