@@ -30,13 +30,6 @@ __all__ = ["build_model", "default_layers", "collect_sources", "source_to_labels
            "visualize", "main"]
 
 
-def _merging_value(r: Any) -> Any:
-    """YAML has no tuples: a ``[r, inflection]`` list becomes the ``(r, inflection)`` pair create_model wants."""
-    if isinstance(r, list) and len(r) == 2 and isinstance(r[1], float):
-        return (int(r[0]), float(r[1]))
-    return r
-
-
 def _checkpoint_classes(path: str) -> Optional[int]:
     """Rows of the head in a checkpoint (so a fine-tuned head loads whatever the config says), if any."""
     from models import read_checkpoint
@@ -52,28 +45,29 @@ def _checkpoint_classes(path: str) -> Optional[int]:
 
 
 def build_model(cfg: Any, checkpoint: Optional[str] = None, pretrained: bool = True) -> Tuple[Any, List[str]]:
-    """The config's model with source tracking, eval mode, weights loaded; also the load reports' lines."""
+    """The config's model as train.py builds it, with source tracking, in eval mode, weights loaded.
+
+    Also returns the load reports (``loaded ... missing ...``) of the pretrained and fine-tuned weights.
+    """
+    import copy
+
     from lib.data import task_num_classes
-    from models import create_model, load_checkpoint
+    from models import load_checkpoint
+    from train import build_model as build_training_model
 
     num_classes = cfg.data.num_classes or task_num_classes(cfg.data.task, cfg.data.root)
     if checkpoint:
         num_classes = _checkpoint_classes(checkpoint) or num_classes
-    num_classes = num_classes or 1000  # the head plays no part in the merging
-    m = cfg.model
-    custom = dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size) \
-        if m.name == "vit" else {}
-    model = create_model(
-        m.name, num_classes=num_classes, peft=cfg.peft.type, peft_dim=cfg.peft.dim, peft_dropout=cfg.peft.dropout,
-        peft_init=cfg.peft.init, merging=_merging_value(cfg.merging.r), pyra=cfg.merging.pyra,
-        prop_attn=cfg.merging.prop_attn, trace_source=True, drop_path_rate=m.drop_path_rate, img_size=m.img_size,
-        **custom)
+    no_weights = copy.deepcopy(cfg)
+    no_weights.model.pretrained = ""  # loaded below, to report what was loaded
+    model = build_training_model(no_weights, num_classes or 1000)  # the head plays no part in the merging
+    model.trace_source = True
     reports = []
-    if pretrained and m.pretrained:
-        if not Path(m.pretrained).is_file():
-            raise FileNotFoundError(f"model.pretrained not found: {m.pretrained} (see weight/README.md; "
+    if pretrained and cfg.model.pretrained:
+        if not Path(cfg.model.pretrained).is_file():
+            raise FileNotFoundError(f"model.pretrained not found: {cfg.model.pretrained} (see weight/README.md; "
                                     f"--no-pretrained to use random backbone weights)")
-        reports.append(load_checkpoint(model, m.pretrained, kind="pretrained").summary())
+        reports.append(load_checkpoint(model, cfg.model.pretrained, kind="pretrained").summary())
     if checkpoint:
         reports.append(load_checkpoint(model, checkpoint).summary())
     return model.eval(), reports

@@ -140,7 +140,12 @@ for task in "${tasks[@]}"; do
     fi
     echo "[vtab_all.sh] === $task ===" >&2
     if "$ROOT/scripts/vtab.sh" "$task" "$config" "${rest[@]+"${rest[@]}"}"; then
-        done_tasks+=("$task")
+        if [[ -n "$(finished_file "$task")" ]]; then
+            done_tasks+=("$task")
+        else  # e.g. stopped by SIGTERM: train.py saved last.pth and exited cleanly
+            echo "[vtab_all.sh] $task stopped before the end (no final.json); run again to resume" >&2
+            failed+=("$task")
+        fi
     else
         status=$?
         if [[ $status -eq 130 ]]; then
