@@ -308,10 +308,12 @@ def render_markdown(summaries: Sequence[Dict[str, Any]]) -> str:
                 + [_mean_cell(s[metric][m]) for m in means] for s in summaries]
         parts += [f"## {title}", "", _md_table(header, rows), ""]
 
-    eff_header = ["Experiment", "Params (M, trainable)", "GFLOPs", "Throughput (img/s)", "Device",
+    eff_header = ["Experiment", "Params (M, trainable)", "GFLOPs", "Throughput (img/s)", "Batch", "Device",
                   "Tasks finished", "Average (groups, best)"]
     eff_rows = [[s["name"], _fmt(None if s["n_parameters"] is None else s["n_parameters"] / 1e6, 3),
-                 _fmt(s["gflops"]), _fmt(s["throughput"], 1), ", ".join(s["devices"]),
+                 _fmt(s["gflops"]), _fmt(s["throughput"], 1),
+                 ", ".join(sorted({str(r["throughput_batch"]) for r in s["runs"].values() if r["throughput_batch"]})),
+                 ", ".join(s["devices"]),
                  f"{sum(r['status'] == 'finished' for r in s['runs'].values())}/{len(s['runs'])}"
                  + (f" (of {len(TASK_ORDER)})" if 0 < len(s["runs"].keys() & set(TASK_ORDER)) < len(TASK_ORDER)
                     else ""),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -25,6 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # dotted.key=value
 
 __all__ = ["build_model", "default_layers", "collect_sources", "source_to_labels", "render_groups",
            "visualize", "main"]
@@ -220,7 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random colours")
     parser.add_argument("--no-pretrained", action="store_true", help="do not load model.pretrained")
     parser.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
-    args = parser.parse_args(argv)
+    # Overrides may follow --layers (whose nargs would swallow them): take them out first.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    args.overrides += overrides
 
     from lib.config import ConfigError, load_config
 

@@ -92,6 +92,12 @@ def test_cli_writes_png_with_token_counts(tiny_config: Path, image: Path, tmp_pa
     # 64 patches + cls: 65 -> 57 after block 0, 8 fewer per block -> 33 after block 3.
     assert "after block 0: 57 tokens, 56 patch groups" in printed
     assert "after block 3: 33 tokens, 32 patch groups" in printed
+    # Overrides, also after --layers (whose nargs must not swallow them).
+    assert vm.main(["--image", str(image), "--config", str(tiny_config), "--out", str(out), "--layers", "0", "3",
+                    "merging.r=[4,4,4,4]", "model.drop_path_rate=0.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "after block 0: 61 tokens, 60 patch groups" in printed
+    assert "after block 3: 49 tokens, 48 patch groups" in printed
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out) as img:
         img.verify()
