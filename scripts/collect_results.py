@@ -453,6 +453,17 @@ def plot_accuracy_vs_throughput(summaries: Sequence[Dict[str, Any]], path: Path)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def _hint(path: Path) -> str:
+    """Where the experiment folders are, when a task folder or a parent of experiments was given."""
+    if any((path / f).is_file() for f in RUN_FILES):
+        return f"; {path} is a task folder: pass its parent {path.parent}"
+    below = sorted({str(p.parent.parent) for p in path.glob("**/log.txt")})
+    if below:
+        more = f" (+{len(below) - 5} more)" if len(below) > 5 else ""
+        return "; experiment folders below it: " + " ".join(below[:5]) + more
+    return ""
+
+
 def collect(exp_dirs: Sequence[str | os.PathLike], out: Optional[str | os.PathLike] = None,
             names: Optional[Sequence[str]] = None, include_unfinished: bool = False,
             plots: bool = True) -> Dict[str, Any]:
@@ -463,8 +474,8 @@ def collect(exp_dirs: Sequence[str | os.PathLike], out: Optional[str | os.PathLi
                  for i, d in enumerate(exp_dirs)]
     for s in summaries:
         if not s["runs"]:
-            print(f"warning: no task folders under {s['dir']} (expected <experiment>/<task>/log.txt)",
-                  file=sys.stderr)
+            print(f"warning: no task folders under {s['dir']} (expected <experiment>/<task>/log.txt)"
+                  + _hint(Path(s["dir"])), file=sys.stderr)
     out_dir = Path(out) if out else Path(exp_dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(summaries)

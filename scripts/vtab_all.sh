@@ -14,7 +14,7 @@
 # the same overrides), so experiment= and output_dir= overrides and config keys are respected.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ALL_TASKS=(cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397

@@ -195,6 +195,14 @@ def test_experiment_name_from_saved_config(tmp_path: Path) -> None:
     assert cr.summarize(exp)["name"] == "vit_s16/lora_none"
 
 
+def test_wrong_folder_level_gets_a_hint(partial_exp: Path, capsys) -> None:
+    logs = partial_exp.parent.parent
+    cr.collect([logs], out=logs / "r", plots=False)
+    assert f"experiment folders below it: {partial_exp}" in capsys.readouterr().err
+    cr.collect([partial_exp / "dtd"], out=logs / "r", plots=False)
+    assert "is a task folder: pass its parent" in capsys.readouterr().err
+
+
 def test_cli_errors_are_reported(tmp_path: Path) -> None:
     assert cr.main([str(tmp_path / "nope")]) == 2
     (tmp_path / "a").mkdir()
