@@ -1,20 +1,28 @@
 """Efficiency measurements with the paper's conventions (facts §7): fvcore FLOPs and images/second.
 
 fvcore counts one multiply-add as one FLOP; the official code prints that total / 2³⁰ as "GFLOPS".
+Also here: the machine's matmul peak and the efficiency against it, the time of one training step and
+the peak memory of training steps, for ``scripts/benchmark.py``.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import math
+import re
 import statistics
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["count_flops", "sdpa_flop_jit", "measure_throughput", "tokens_per_layer", "time_fn", "autocast_ctx"]
+__all__ = ["count_flops", "sdpa_flop_jit", "measure_throughput", "tokens_per_layer", "time_fn", "autocast_ctx",
+           "efficiency", "matmul_peak", "make_train_step", "measure_train_step", "peak_memory_mb", "device_name"]
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -36,7 +44,8 @@ def count_flops(model: nn.Module, img_size: int = 224, device: Optional[torch.de
     model.eval()
     x = torch.randn(1, 3, img_size, img_size, device=device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and torch.jit deprecation chatter
             analysis = FlopCountAnalysis(model, x)
             analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -109,3 +118,116 @@ def tokens_per_layer(model: nn.Module, img_size: int = 224) -> List[int]:
         for h in hooks:
             h.remove()
     return counts
+
+
+def efficiency(flops: float, images_per_s: float, peak_flops: float) -> float:
+    """Fraction of the matmul peak a model sustains: ``2 · fvcore count · images/s ÷ peak FLOP/s``.
+
+    fvcore counts a multiply-add as one FLOP while the peak counts it as two, hence the factor 2.
+    """
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be positive, got {peak_flops}")
+    return 2.0 * flops * images_per_s / peak_flops
+
+
+def matmul_peak(device: torch.device, size: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                warmup: int = 2, runs: int = 5) -> float:
+    """FLOP/s (2·n³ per product) of a large square GEMM: the practical peak the model is compared with.
+
+    The median of ``runs`` products of n×n matrices, n = 2048 on CPU and 8192 on CUDA by default, at
+    the current thread count.
+    """
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    times = time_fn(lambda: torch.mm(a, b, out=out), device, warmup=warmup, runs=runs)
+    return 2.0 * size ** 3 / statistics.median(times)
+
+
+def make_train_step(model: nn.Module, batch_size: int, num_classes: int, img_size: int = 224,
+                    device: Optional[torch.device] = None, precision: str = "fp32",
+                    lr: float = 1e-3) -> Callable[[], None]:
+    """One optimizer step on a fixed random batch: forward, cross-entropy, backward, AdamW (train mode).
+
+    AdamW holds only the trainable parameters (PEFT, head, PYRA), as in fine-tuning. fp16 runs without
+    a gradient scaler: the step costs the same and the loss value does not matter here.
+    """
+    device = device or next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    y = torch.randint(num_classes, (batch_size,), device=device)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_ctx(device, precision):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure_train_step(step: Callable[[], None], device: torch.device, warmup: int = 1,
+                       runs: int = 3) -> List[float]:
+    """Seconds per training step (see ``make_train_step``), synchronised on CUDA."""
+    return time_fn(step, device, warmup=warmup, runs=runs)
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
+def _release_cpu_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them), so resident size tracks live memory."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(libc_name).malloc_trim(0)
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    """Peak memory growth (MiB) while ``fn`` runs, over what was held just before it.
+
+    CUDA: ``max_memory_allocated`` minus ``memory_allocated`` at the start (tensors only, not the
+    caching allocator's reserve). CPU: the peak resident set (``VmHWM``, reset through
+    ``/proc/self/clear_refs``) minus the resident set at the start, after freed heap pages went back
+    to the OS. The CPU number sees everything (tensors, allocator and library workspaces), but only
+    memory never touched before: run it in a fresh process, before any other forward/backward.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    _release_cpu_memory()
+    base = _proc_status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+    fn()
+    return (_proc_status_kb("VmHWM") - base) / 1024
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of the accelerator or CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    import platform
+
+    return platform.processor() or platform.machine()
