@@ -16,6 +16,7 @@ import logging
 import math
 import shutil
 import signal
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -88,9 +89,14 @@ def prepare_run_dir(out: Path, resume: Optional[str], overwrite: bool) -> Option
 
 
 def build_model(cfg: Any, num_classes: int) -> nn.Module:
+    """The configured model; seeded, so weights that no file provides (a backbone trained from scratch,
+    fresh PEFT/PYRA/head) are the same in train.py, eval.py and the visualiser."""
     m = cfg.model
+    torch.manual_seed(cfg.seed)
     custom = dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size) \
         if m.name == "vit" else {}
+    if m.global_pool:
+        custom["global_pool"] = m.global_pool
     model = create_model(
         m.name, num_classes=num_classes, peft=cfg.peft.type, peft_dim=cfg.peft.dim, peft_dropout=cfg.peft.dropout,
         peft_init=cfg.peft.init, merging=cfg.merging.r, pyra=cfg.merging.pyra, prop_attn=cfg.merging.prop_attn,
@@ -150,18 +156,19 @@ class StopFlag:
         return bool(flag.item())
 
 
-def merged_speedup(model: nn.Module, cfg: Any, device: torch.device) -> Optional[float]:
-    """Images/s with the configured merging over the same model without merging, measured interleaved."""
+def merged_speedup(model: nn.Module, cfg: Any, device: torch.device, rounds: int = 5) -> Optional[float]:
+    """Images/s with the configured merging over the same model without merging: the ratio of medians
+    over rounds that alternate the two settings, so machine drift hits both alike."""
     if not any(model.r):
         return None
     schedule, rates = model.r, {"merged": [], "plain": []}
-    for _ in range(3):
+    for _ in range(rounds):
         for name, r in (("merged", schedule), ("plain", 0)):
             model.r = r
             rates[name].append(measure_throughput(model, cfg.report.benchmark_batch, cfg.model.img_size, device,
-                                                  cfg.train.precision, warmup=1, runs=2)["images_per_s"])
+                                                  cfg.train.precision, warmup=1, runs=3)["images_per_s"])
     model.r = schedule
-    return max(rates["merged"]) / max(rates["plain"])
+    return statistics.median(rates["merged"]) / statistics.median(rates["plain"])
 
 
 def train(cfg: Any, resume: Optional[str], overwrite: bool) -> Dict[str, Any]:
@@ -186,7 +193,6 @@ def train(cfg: Any, resume: Optional[str], overwrite: bool) -> Dict[str, Any]:
                           f"split {cfg.data.train_split!r} per process, and train.drop_last=true would drop them all")
     log.info(f"data: {train_set} / {eval_set}")
 
-    torch.manual_seed(cfg.seed)
     model = build_model(cfg, train_set.num_classes).to(device)
     eff = efficiency_report(model, cfg, device)
     log_efficiency(eff)

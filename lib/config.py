@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "name": "vit_base_patch16_224_in21k",
         "pretrained": "",        # checkpoint path; "" = random init (demo / tests)
         "img_size": 224,
+        "global_pool": "",       # "" = the backbone's own (class token; MAE: avg), or "token" / "avg"
         "embed_dim": 768,        # embed_dim / depth / num_heads / patch_size: custom "vit" only
         "depth": 12,
         "num_heads": 12,
@@ -98,6 +99,7 @@ _ENUMS: dict[str, tuple[str, ...]] = {
     "peft.init": ("official", "standard"),
     "data.normalization": ("imagenet", "inception"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "model.global_pool": ("", "token", "avg"),
 }
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _RUNTIME_KEYS = ("config_path",)  # set by load_config only; never read from files or overrides

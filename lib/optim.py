@@ -16,27 +16,25 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 
 
 def param_groups(model: nn.Module, weight_decay: float, pyra_lr: float, pyra_weight_decay: float) -> List[Dict]:
-    """Three groups of trainable parameters: decay, no-decay, and PYRA with its own lr and weight decay.
+    """Trainable parameters in four groups: decay / no-decay at the base lr, and PYRA's decay / no-decay
+    at ``pyra_lr`` (PYRA's weight decay applies to ``weight_r``/``weight_d``, never to its LayerNorm).
 
     The official optimiser meant to give PYRA ``pyra_lr`` but selected names containing "ssf", so PYRA
-    trained at the base lr there; here the group is real (README: differences).
+    trained at the base lr there; here the groups are real (README: differences).
     """
-    decay, no_decay, pyra = [], [], []
+    groups: Dict[str, List[nn.Parameter]] = {"decay": [], "no_decay": [], "pyra": [], "pyra_no_decay": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        exempt = param.ndim <= 1 or name.endswith(".bias") or name in _NO_DECAY_NAMES
         if param_category(name) == "pyra":
-            pyra.append(param)
-        elif param.ndim <= 1 or name.endswith(".bias") or name in _NO_DECAY_NAMES:
-            no_decay.append(param)
+            groups["pyra_no_decay" if exempt else "pyra"].append(param)
         else:
-            decay.append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-        {"params": pyra, "weight_decay": pyra_weight_decay, "lr": pyra_lr, "name": "pyra"},
-    ]
-    return [g for g in groups if g["params"]]
+            groups["no_decay" if exempt else "decay"].append(param)
+    settings = {"decay": {"weight_decay": weight_decay}, "no_decay": {"weight_decay": 0.0},
+                "pyra": {"weight_decay": pyra_weight_decay, "lr": pyra_lr},
+                "pyra_no_decay": {"weight_decay": 0.0, "lr": pyra_lr}}
+    return [{"params": params, "name": name, **settings[name]} for name, params in groups.items() if params]
 
 
 def build_optimizer(model: nn.Module, optim_cfg: Any) -> torch.optim.AdamW:
