@@ -52,7 +52,14 @@ class LoRALinear(nn.Linear):
         return lora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_up(self.lora_down(self.lora_dropout(x)))
+        out = F.linear(x, self.weight, self.bias)
+        z = self.lora_down(self.lora_dropout(x))
+        # ``out + lora_up(z)`` accumulated into ``out`` by the GEMM itself (β=1): bitwise the same sum,
+        # without a second output-sized tensor and pass. In place is safe: linear saves its input, not
+        # its output. fvcore counts it as addmm (``lib.benchmark.count_flops`` registers the handle).
+        up = self.lora_up.weight
+        out.view(-1, self.out_features).addmm_(z.reshape(-1, z.shape[-1]), up.t().to(out.dtype))
+        return out
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:

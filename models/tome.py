@@ -59,18 +59,32 @@ def bipartite_soft_matching(
         if class_token:
             unm_idx = unm_idx.sort(dim=1)[0]  # keeps the class token first
 
-    def merge(x: torch.Tensor, mode: str = "mean", pyra: Optional[ReactivateFn] = None) -> torch.Tensor:
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
-        n, t1, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst_index = dst_idx.expand(n, r, c)
-        if pyra is not None:
-            src = pyra(src, dst.gather(dim=-2, index=dst_index))
-        dst = dst.scatter_reduce(-2, dst_index, src, reduce=mode)
+        # Where each output token comes from and where each source lands, as token positions: the
+        # merged layout is one row gather (index_select) plus one row sum (index_add) over the
+        # flattened B·N×C tokens. Output order: [unmerged A, all of B], or [cls, dist, rest of A, rest of B].
+        unm_len = unm_idx.shape[1]
+        odd = torch.arange(1, t, 2, device=metric.device).view(1, -1, 1).expand(metric.shape[0], -1, 1)
         if distill_token:
-            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-        return torch.cat([unm, dst], dim=1)
+            keep_idx = torch.cat([2 * unm_idx[:, :1], odd[:, :1], 2 * unm_idx[:, 1:], odd[:, 1:]], dim=1)
+            dst_pos = torch.where(dst_idx == 0, 1, unm_len + dst_idx)
+        else:
+            keep_idx = torch.cat([2 * unm_idx, odd], dim=1)
+            dst_pos = unm_len + dst_idx
+        src_pos, dst_in_x = 2 * src_idx, 2 * dst_idx + 1
+        keep_len = keep_idx.shape[1]
+
+    def merge(x: torch.Tensor, mode: str = "mean", pyra: Optional[ReactivateFn] = None) -> torch.Tensor:
+        n, t_in, c = x.shape
+        rows = x.reshape(n * t_in, c)
+        out = rows.index_select(0, _flat_rows(keep_idx, n, t_in)).view(n, keep_len, c)
+        src = rows.index_select(0, _flat_rows(src_pos, n, t_in)).view(n, r, c)
+        if pyra is not None:
+            src = pyra(src, rows.index_select(0, _flat_rows(dst_in_x, n, t_in)).view(n, r, c))
+        # In place on the fresh gather (autograd saved x and the index, not it): destinations plus sources.
+        if mode == "sum":
+            out.view(n * keep_len, c).index_add_(0, _flat_rows(dst_pos, n, keep_len), src.reshape(n * r, c))
+            return out
+        return out.scatter_reduce_(-2, dst_pos.expand(n, r, c), src, reduce=mode)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
         unm_len = unm_idx.shape[1]
@@ -86,6 +100,12 @@ def bipartite_soft_matching(
     return merge, unmerge
 
 
+def _flat_rows(idx: torch.Tensor, n: int, t: int) -> torch.Tensor:
+    """Token positions ``idx`` (B×K×1, B = n or 1) as row numbers of the flattened n·t×C tokens."""
+    offsets = torch.arange(0, n * t, t, device=idx.device).view(n, 1)
+    return (idx[..., 0] + offsets).reshape(-1)
+
+
 def merge_wavg(
         merge: MergeFn,
         x: torch.Tensor,
@@ -97,11 +117,12 @@ def merge_wavg(
     ``pyra`` (if given) re-activates the size-weighted source tokens before they are summed into their
     destinations; sizes always merge unmodified.
     """
-    if size is None:
+    ones = size is None
+    if ones:
         size = torch.ones_like(x[..., 0, None])
     if merge is do_nothing:
         return x, size
-    x = merge(x * size, mode="sum", pyra=pyra)
+    x = merge(x if ones else x * size, mode="sum", pyra=pyra)  # x·1 is x: skip that pass
     size = merge(size, mode="sum")
     return x / size, size
 

@@ -49,6 +49,7 @@ from lib.benchmark import (  # noqa: E402
     matmul_peak,
     peak_memory_mb,
     time_fn,
+    tune_cpu_allocator,
 )
 from models import create_model, fold_lora  # noqa: E402
 
@@ -217,6 +218,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                    peak_gflops=statistics.median(peaks["fp32"]) / 1e9,
                    peak_gflops_rounds=[p / 1e9 for p in peaks["fp32"]], peak_size=args.peak_size,
                    load_avg_start=load_start[0], load_avg_end=os.getloadavg()[0],
+                   cpu_allocator="glibc, tuned" if args.allocator_tuned else "glibc, default",
                    memory_method=("cuda max_memory_allocated" if device.type == "cuda"
                                   else "VmHWM growth of a fresh subprocess per setting"))
     if args.precision != "fp32":
@@ -276,6 +278,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the inference models")
     p.add_argument("--no-train", action="store_true", help="skip the training step and memory measurements")
+    p.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
+                   help="CPU: 'tuned' keeps freed blocks in glibc's heap (lib.benchmark.tune_cpu_allocator)")
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="subset of settings (plain is added)")
     p.add_argument("--json", type=Path, default=None, help="default: benchmark_results/<timestamp>.json")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -290,6 +294,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    args.allocator_tuned = args.allocator == "tuned" and tune_cpu_allocator()
     if args.memory_probe:
         if args.threads:
             torch.set_num_threads(args.threads)
