@@ -388,5 +388,6 @@ def test_config_to_dict_is_plain_and_json_ready():
     plain = config_to_dict(cfg)
     assert type(plain) is dict and type(plain["model"]) is dict and type(plain["merging"]["r"]) is list
     assert json.loads(json.dumps(plain)) == plain
-    plain["model"]["depth"] = 99
-    assert cfg.model.depth == 4
+    depth = cfg.model.depth
+    plain["model"]["depth"] = depth + 95
+    assert cfg.model.depth == depth                     # a copy, not a view
