@@ -31,16 +31,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # The config as an absolute path (train.py runs from the repository root, where the configs' relative
 # data/ and weight/ paths point).
-if [[ -f "$config" ]]; then
-    config="$(cd "$(dirname "$config")" && pwd)/$(basename "$config")"
-elif [[ -f "$ROOT/$config" ]]; then
-    config="$ROOT/$config"
-elif [[ -f "$ROOT/configs/${config%.yaml}.yaml" ]]; then
-    config="$ROOT/configs/${config%.yaml}.yaml"
-else
-    echo "vtab.sh: config not found: $config" >&2
-    exit 2
-fi
+source "$ROOT/scripts/common.sh"
+config="$(resolve_config "$config" "$ROOT")" || exit 2
 
 flags=()
 overrides=()

@@ -45,16 +45,8 @@ if [[ -n "${GPU:-}" && -z "${CUDA_VISIBLE_DEVICES:-}" ]]; then
     export CUDA_VISIBLE_DEVICES="$GPU"
 fi
 
-if [[ -f "$config" ]]; then
-    config="$(cd "$(dirname "$config")" && pwd)/$(basename "$config")"
-elif [[ -f "$ROOT/$config" ]]; then
-    config="$ROOT/$config"
-elif [[ -f "$ROOT/configs/${config%.yaml}.yaml" ]]; then
-    config="$ROOT/configs/${config%.yaml}.yaml"
-else
-    echo "vtab_all.sh: config not found: $config" >&2
-    exit 2
-fi
+source "$ROOT/scripts/common.sh"
+config="$(resolve_config "$config" "$ROOT")" || exit 2
 
 overrides=()
 for arg in "${rest[@]+"${rest[@]}"}"; do
