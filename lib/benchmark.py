@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["count_flops", "sdpa_flop_jit", "measure_throughput", "tokens_per_layer", "time_fn", "autocast_ctx",
-           "efficiency", "matmul_peak", "make_train_step", "measure_train_step", "peak_memory_mb", "device_name",
-           "tune_cpu_allocator"]
+__all__ = ["count_flops", "sdpa_flop_jit", "baddbmm_flop_jit", "measure_throughput", "tokens_per_layer", "time_fn",
+           "autocast_ctx", "efficiency", "matmul_peak", "make_train_step", "measure_train_step", "peak_memory_mb",
+           "device_name", "tune_cpu_allocator", "profile_table"]
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -34,6 +34,14 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     batch_heads = math.prod(q[:-2])
     n, d, s, dv = q[-2], q[-1], k[-2], v[-1]
     return batch_heads * n * s * (d + dv)
+
+
+def baddbmm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """fvcore handle for ``aten::baddbmm``: the batched product only (the added term is free, as in addmm)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    batch, m, k = get_shape(inputs[1])
+    return batch * m * k * get_shape(inputs[2])[-1]
 
 
 def count_flops(model: nn.Module, img_size: int = 224, device: Optional[torch.device] = None) -> int:
@@ -51,6 +59,7 @@ def count_flops(model: nn.Module, img_size: int = 224, device: Optional[torch.de
             analysis = FlopCountAnalysis(model, x)
             analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
             analysis.set_op_handle("aten::addmm_", addmm_flop_jit)  # LoRA's update, accumulated in place
+            analysis.set_op_handle("aten::baddbmm", baddbmm_flop_jit)  # models.peft.linear's split GEMM
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
             return int(analysis.total())
@@ -243,6 +252,28 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
         f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
     fn()
     return (_proc_status_kb("VmHWM") - base) / 1024
+
+
+def profile_table(fn: Callable[[], Any], device: torch.device, runs: int = 2, row_limit: int = 30) -> str:
+    """torch.profiler's top operators (by self time) over ``runs`` calls of ``fn``: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    _sync(device)
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(runs):
+            fn()
+        _sync(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    return (f"{runs} calls, sorted by {sort_by}\n"
+            + events.table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=48)
+            + "\n\nby input shape\n"
+            + by_shape.table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=48,
+                             max_shapes_column_width=80))
 
 
 def device_name(device: torch.device) -> str:

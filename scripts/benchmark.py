@@ -48,6 +48,7 @@ from lib.benchmark import (  # noqa: E402
     make_train_step,
     matmul_peak,
     peak_memory_mb,
+    profile_table,
     time_fn,
     tune_cpu_allocator,
 )
@@ -121,6 +122,23 @@ def _memory_probe(args: argparse.Namespace, device: torch.device) -> float:
     return peak_memory_mb(lambda: [step() for _ in range(args.memory_steps)], device)
 
 
+def _write_profiles(args: argparse.Namespace, variants: Dict[tuple, Dict[str, Any]], train_steps: Dict[str, Any],
+                    infer: Any, device: torch.device) -> None:
+    """torch.profiler top-operator tables per setting, to see where the time beyond the GEMMs goes."""
+    out_dir = args.profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for (setting, folded), v in variants.items():
+        name = f"profile_{setting}{'_folded' if folded else ''}_infer.txt"
+        (out_dir / name).write_text(profile_table(lambda v=v: infer(v["runner"]), device), encoding="utf-8")
+    for setting, s in train_steps.items():
+        (out_dir / f"profile_{setting}_train.txt").write_text(profile_table(s["step"], device), encoding="utf-8")
+
+
+def _rotate(items: List[Any], shift: int) -> List[Any]:
+    shift = shift % len(items) if items else 0
+    return items[shift:] + items[:shift]
+
+
 def _median_over_rounds(times: List[List[float]]) -> tuple:
     """Median of all timed runs, and the relative spread of the per-round medians (a disturbance flag)."""
     flat = [t for rnd in times for t in rnd]
@@ -174,14 +192,15 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         peaks["fp32"].append(matmul_peak(device, args.peak_size, runs=args.runs))
         if args.precision != "fp32":
             peaks[args.precision].append(matmul_peak(device, args.peak_size, dtype=peak_dtype, runs=args.runs))
-        order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]  # rotate: no setting always runs first
-        for key in order:
+        for key in _rotate(keys, rnd):  # no setting always runs first
             v = variants[key]
             v["times"].append(time_fn(lambda v=v: infer(v["runner"]), device, warmup=0, runs=args.runs))
-        names = list(train_steps)
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+        for name in _rotate(list(train_steps), rnd):
             s = train_steps[name]
             s["times"].append(time_fn(s["step"], device, warmup=0, runs=args.train_runs))
+
+    if args.profile:
+        _write_profiles(args, variants, train_steps, infer, device)
 
     memory: Dict[str, float] = {}
     if not args.no_train and device.type == "cpu":
@@ -282,6 +301,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="CPU: 'tuned' keeps freed blocks in glibc's heap (lib.benchmark.tune_cpu_allocator)")
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="subset of settings (plain is added)")
     p.add_argument("--json", type=Path, default=None, help="default: benchmark_results/<timestamp>.json")
+    p.add_argument("--profile", type=Path, nargs="?", const=ROOT / "benchmark_results", default=None,
+                   help="also write torch.profiler top-operator tables (profile_<setting>_*.txt) to this folder")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else list(argv))]

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lib.benchmark import count_flops, efficiency, matmul_peak, peak_memory_mb, sdpa_flop_jit
-from models import create_model
+from models import create_model, peft
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,32 @@ def test_count_flops_tiny_vit_matches_hand_count(fold):
     assert count_flops(model, img) == expected
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_split_linear_is_linear_with_the_same_count(two_threads, monkeypatch):
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    w, b = torch.randn(512, 64, requires_grad=True), torch.randn(512)
+    with torch.profiler.profile() as prof:
+        out = peft.linear(x, w, b)       # 21 rows, two 256-wide blocks: the batched path
+    assert "aten::baddbmm" in {e.name for e in prof.events()}
+    ref = F.linear(x, w, b)
+    assert torch.allclose(out, ref, atol=1e-5)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (x, w), g)
+    assert all(torch.allclose(a, e, atol=1e-4) for a, e in zip(grads, torch.autograd.grad(ref, (x, w), g)))
+
+    model = create_model("vit", num_classes=10, embed_dim=512, depth=1, num_heads=8, patch_size=16, img_size=32)
+    split = count_flops(model, 32)
+    monkeypatch.setattr(peft, "SPLIT_MAX_ROWS", 0)
+    assert count_flops(model, 32) == split
+
+
 def test_matmul_peak_is_a_rate():
     small = matmul_peak(torch.device("cpu"), size=64, runs=2)
     assert small > 0 and math.isfinite(small)
@@ -98,7 +124,7 @@ TINY = ["--model", "vit", "--embed-dim", "32", "--depth", "12", "--num-heads", "
 
 def test_main_tiny_emits_every_field(tmp_path):
     out = tmp_path / "bench.json"
-    report = _load_script().main([*TINY, "--json", str(out)])
+    report = _load_script().main([*TINY, "--json", str(out), "--profile", str(tmp_path / "prof")])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
 
@@ -130,6 +156,8 @@ def test_main_tiny_emits_every_field(tmp_path):
     assert rows[("pyra_high", False)]["flops"] < rows[("plain", False)]["flops"]
     assert rows[("pyra_high", False)]["trainable"] > rows[("plain", False)]["trainable"]
     assert rows[("plain", True)]["params"] < rows[("plain", False)]["params"]
+    profile = (tmp_path / "prof" / "profile_pyra_high_infer.txt").read_text()
+    assert "aten::addmm" in profile and (tmp_path / "prof" / "profile_plain_train.txt").is_file()
 
 
 def test_settings_always_include_the_reference():
