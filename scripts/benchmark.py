@@ -18,6 +18,11 @@ gradients, AdamW state, workspaces): ``torch.cuda.max_memory_allocated`` on CUDA
 resident set (``VmHWM``) of a fresh subprocess per setting, since a process that already ran other
 settings reuses their freed pages without growing. Folded rows have no training numbers: folding is
 an inference-time transform (the LoRA parameters are gone).
+
+CPU allocator (``--allocator tuned``, the default): glibc keeps freed blocks for reuse instead of
+unmapping them (no page faults on every activation) and, run as a script, the heap sits on
+transparent huge pages (the script restarts itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``).
+``--allocator default`` measures glibc as it comes. The JSON records which one ran.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ SETTINGS: Dict[str, tuple] = {
     "pyra_high": ("high", True),
 }
 REFERENCE = "plain"
+HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on the heap
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -237,7 +243,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                    peak_gflops=statistics.median(peaks["fp32"]) / 1e9,
                    peak_gflops_rounds=[p / 1e9 for p in peaks["fp32"]], peak_size=args.peak_size,
                    load_avg_start=load_start[0], load_avg_end=os.getloadavg()[0],
-                   cpu_allocator="glibc, tuned" if args.allocator_tuned else "glibc, default",
+                   cpu_allocator=_allocator_info(args),
                    memory_method=("cuda max_memory_allocated" if device.type == "cuda"
                                   else "VmHWM growth of a fresh subprocess per setting"))
     if args.precision != "fp32":
@@ -247,6 +253,15 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                   compile=args.compile, train=not args.no_train, peft=args.peft, num_classes=args.num_classes,
                   timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     return dict(machine=machine, config=config, results=rows)
+
+
+def _allocator_info(args: argparse.Namespace) -> str:
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    parts = ["glibc", "keeps freed blocks (mallopt)" if args.allocator_tuned else "default thresholds",
+             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}"]
+    if thp.is_file():
+        parts.append(f"THP {thp.read_text().strip()}")
+    return "; ".join(parts)
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -298,7 +313,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the inference models")
     p.add_argument("--no-train", action="store_true", help="skip the training step and memory measurements")
     p.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
-                   help="CPU: 'tuned' keeps freed blocks in glibc's heap (lib.benchmark.tune_cpu_allocator)")
+                   help="CPU: 'tuned' keeps freed blocks in glibc's heap (lib.benchmark.tune_cpu_allocator) and, "
+                        "run as a script, backs it with transparent huge pages (GLIBC_TUNABLES)")
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="subset of settings (plain is added)")
     p.add_argument("--json", type=Path, default=None, help="default: benchmark_results/<timestamp>.json")
     p.add_argument("--profile", type=Path, nargs="?", const=ROOT / "benchmark_results", default=None,
@@ -330,5 +346,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return report
 
 
+def _reexec_with_huge_pages() -> None:
+    """Restart this script with glibc's heap on transparent huge pages (a tunable read only at start-up).
+
+    With ``--allocator tuned`` (the default) the weights and activations then sit on 2 MiB pages:
+    fewer TLB misses while the GEMMs stream 28 MB of weights per ViT-B block (+1-2% here).
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables:
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES])))
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env)
+
+
 if __name__ == "__main__":
+    _args = parse_args()
+    if _args.allocator == "tuned" and not _args.memory_probe:
+        _reexec_with_huge_pages()
     main()
