@@ -72,17 +72,30 @@ def bipartite_soft_matching(
             dst_pos = unm_len + dst_idx
         src_pos, dst_in_x = 2 * src_idx, 2 * dst_idx + 1
         keep_len = keep_idx.shape[1]
+        # The same, as rows of the flattened B·N×C input / B·N'×C output, for x of metric's batch.
+        n0 = metric.shape[0]
+        in_rows = (torch.cat([keep_idx, src_pos, dst_in_x], dim=1)[..., 0]
+                   + torch.arange(0, n0 * t, t, device=metric.device).view(n0, 1))
+        cached = (in_rows[:, :keep_len].reshape(-1), in_rows[:, keep_len:keep_len + r].reshape(-1),
+                  in_rows[:, keep_len + r:].reshape(-1), _flat_rows(dst_pos, n0, keep_len))
+
+    def rows_of(n: int, t_in: int) -> Tuple[torch.Tensor, ...]:
+        if n == n0 and t_in == t:
+            return cached
+        return (_flat_rows(keep_idx, n, t_in), _flat_rows(src_pos, n, t_in), _flat_rows(dst_in_x, n, t_in),
+                _flat_rows(dst_pos, n, keep_len))
 
     def merge(x: torch.Tensor, mode: str = "mean", pyra: Optional[ReactivateFn] = None) -> torch.Tensor:
         n, t_in, c = x.shape
+        keep_rows, src_rows, dst_rows, out_rows = rows_of(n, t_in)
         rows = x.reshape(n * t_in, c)
-        out = rows.index_select(0, _flat_rows(keep_idx, n, t_in)).view(n, keep_len, c)
-        src = rows.index_select(0, _flat_rows(src_pos, n, t_in)).view(n, r, c)
+        out = rows.index_select(0, keep_rows).view(n, keep_len, c)
+        src = rows.index_select(0, src_rows).view(n, r, c)
         if pyra is not None:
-            src = pyra(src, rows.index_select(0, _flat_rows(dst_in_x, n, t_in)).view(n, r, c))
+            src = pyra(src, rows.index_select(0, dst_rows).view(n, r, c))
         # In place on the fresh gather (autograd saved x and the index, not it): destinations plus sources.
         if mode == "sum":
-            out.view(n * keep_len, c).index_add_(0, _flat_rows(dst_pos, n, keep_len), src.reshape(n * r, c))
+            out.view(n * keep_len, c).index_add_(0, out_rows, src.reshape(n * r, c))
             return out
         return out.scatter_reduce_(-2, dst_pos.expand(n, r, c), src, reduce=mode)
 
