@@ -15,7 +15,7 @@ import re
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 __all__ = ["count_flops", "sdpa_flop_jit", "baddbmm_flop_jit", "measure_throughput", "tokens_per_layer", "time_fn",
            "autocast_ctx", "efficiency", "matmul_peak", "make_train_step", "measure_train_step", "peak_memory_mb",
-           "device_name", "tune_cpu_allocator", "profile_table"]
+           "device_name", "tune_cpu_allocator", "profile_table", "flops_by_block", "time_blocks"]
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -46,6 +46,16 @@ def baddbmm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
 def count_flops(model: nn.Module, img_size: int = 224, device: Optional[torch.device] = None) -> int:
     """fvcore's total (multiply-adds) for one image, in eval mode, with fused attention counted."""
+    return _flop_counts(model, img_size, device)[0]
+
+
+def flops_by_block(model: nn.Module, img_size: int = 224, device: Optional[torch.device] = None) -> List[int]:
+    """fvcore's multiply-adds of each transformer block for one image (the conventions of ``count_flops``)."""
+    by_module = _flop_counts(model, img_size, device)[1]
+    return [int(by_module.get(f"blocks.{i}", 0)) for i in range(len(model.blocks))]
+
+
+def _flop_counts(model: nn.Module, img_size: int, device: Optional[torch.device]) -> Tuple[int, Dict[str, int]]:
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import addmm_flop_jit
 
@@ -62,9 +72,46 @@ def count_flops(model: nn.Module, img_size: int = 224, device: Optional[torch.de
             analysis.set_op_handle("aten::baddbmm", baddbmm_flop_jit)  # models.peft.linear's split GEMM
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
-            return int(analysis.total())
+            return int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()}
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def time_blocks(model: nn.Module, batch_size: int, img_size: int = 224, device: Optional[torch.device] = None,
+                precision: str = "fp32", runs: int = 3) -> List[float]:
+    """Median seconds of each transformer block over ``runs`` eval forwards (hooks; synchronised on CUDA)."""
+    device = device or next(model.parameters()).device
+    times: List[List[float]] = [[] for _ in model.blocks]
+    starts: List[float] = [0.0]
+
+    def before(module: nn.Module, args: Any) -> None:
+        _sync(device)
+        starts[0] = time.perf_counter()
+
+    def after(i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            _sync(device)
+            times[i].append(time.perf_counter() - starts[0])
+        return hook
+
+    hooks = [h for i, b in enumerate(model.blocks)
+             for h in (b.register_forward_pre_hook(before), b.register_forward_hook(after(i)))]
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    try:
+        with autocast_ctx(device, precision):
+            model(x)
+            for t in times:
+                t.clear()
+            for _ in range(runs):
+                model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return [statistics.median(t) for t in times]
 
 
 def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

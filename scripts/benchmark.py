@@ -50,11 +50,14 @@ from lib.benchmark import (  # noqa: E402
     count_flops,
     device_name,
     efficiency,
+    flops_by_block,
     make_train_step,
     matmul_peak,
     peak_memory_mb,
     profile_table,
+    time_blocks,
     time_fn,
+    tokens_per_layer,
     tune_cpu_allocator,
 )
 from models import create_model, fold_lora  # noqa: E402
@@ -129,15 +132,35 @@ def _memory_probe(args: argparse.Namespace, device: torch.device) -> float:
 
 
 def _write_profiles(args: argparse.Namespace, variants: Dict[tuple, Dict[str, Any]], train_steps: Dict[str, Any],
-                    infer: Any, device: torch.device) -> None:
-    """torch.profiler top-operator tables per setting, to see where the time beyond the GEMMs goes."""
+                    infer: Any, device: torch.device, peak: float) -> None:
+    """Where the time beyond the GEMMs goes: torch.profiler top-operator tables per setting, and the time
+    and efficiency of every block (profile_<setting>[_folded]_{infer,train,blocks}.txt)."""
     out_dir = args.profile
     out_dir.mkdir(parents=True, exist_ok=True)
     for (setting, folded), v in variants.items():
-        name = f"profile_{setting}{'_folded' if folded else ''}_infer.txt"
-        (out_dir / name).write_text(profile_table(lambda v=v: infer(v["runner"]), device), encoding="utf-8")
+        stem = f"profile_{setting}{'_folded' if folded else ''}"
+        (out_dir / f"{stem}_infer.txt").write_text(profile_table(lambda v=v: infer(v["runner"]), device),
+                                                   encoding="utf-8")
+        (out_dir / f"{stem}_blocks.txt").write_text(_block_table(args, v["model"], device, peak), encoding="utf-8")
     for setting, s in train_steps.items():
         (out_dir / f"profile_{setting}_train.txt").write_text(profile_table(s["step"], device), encoding="utf-8")
+
+
+def _block_table(args: argparse.Namespace, model: nn.Module, device: torch.device, peak: float) -> str:
+    """Per block: tokens in -> out, milliseconds per batch, fvcore GFLOP per batch and % of the matmul peak."""
+    seconds = time_blocks(model, args.batch_size, args.img_size, device, args.precision, runs=args.runs)
+    flops = flops_by_block(model, args.img_size, device)
+    tokens = tokens_per_layer(model, args.img_size)
+    lines = [f"batch {args.batch_size}, peak {peak / 1e9:.1f} GFLOP/s; efficiency = 2 x fvcore x batch / time / peak",
+             f"{'block':>5}  {'tokens':>10}  {'ms':>8}  {'GFLOP':>7}  {'eff':>6}"]
+    for i, (sec, f) in enumerate(zip(seconds, flops)):
+        work = 2.0 * f * args.batch_size
+        lines.append(f"{i:>5}  {f'{tokens[i]}->{tokens[i + 1]}':>10}  {1e3 * sec:8.2f}  {work / 1e9:7.2f}  "
+                     f"{100 * work / sec / peak:5.1f}%")
+    total_s, total_work = sum(seconds), 2.0 * sum(flops) * args.batch_size
+    lines.append(f"{'all':>5}  {'':>10}  {1e3 * total_s:8.2f}  {total_work / 1e9:7.2f}  "
+                 f"{100 * total_work / total_s / peak:5.1f}%")
+    return "\n".join(lines) + "\n"
 
 
 def _rotate(items: List[Any], shift: int) -> List[Any]:
@@ -206,7 +229,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             s["times"].append(time_fn(s["step"], device, warmup=0, runs=args.train_runs))
 
     if args.profile:
-        _write_profiles(args, variants, train_steps, infer, device)
+        _write_profiles(args, variants, train_steps, infer, device, statistics.median(peaks[args.precision]))
 
     memory: Dict[str, float] = {}
     if not args.no_train and device.type == "cpu":

@@ -158,6 +158,8 @@ def test_main_tiny_emits_every_field(tmp_path):
     assert rows[("plain", True)]["params"] < rows[("plain", False)]["params"]
     profile = (tmp_path / "prof" / "profile_pyra_high_infer.txt").read_text()
     assert "aten::addmm" in profile and (tmp_path / "prof" / "profile_plain_train.txt").is_file()
+    blocks = (tmp_path / "prof" / "profile_pyra_high_blocks.txt").read_text().splitlines()
+    assert len(blocks) == 2 + 12 + 1 and blocks[2].split()[1] == "17->9"
 
 
 def test_settings_always_include_the_reference():
