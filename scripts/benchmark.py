@@ -12,6 +12,8 @@ as is and folded into qkv (``models.fold_lora`` on a copy). Inference and traini
 round-robin over the settings for several rounds, so that drift of the machine hits all of them
 alike; the reported time is the median over all timed runs. The machine's fp32 matmul peak is
 measured in every round too, and each model's efficiency is ``2 · fvcore count · images/s ÷ peak``.
+Ratios to plain and efficiencies are taken per round (against the plain run / the peak of the same
+round) and their median is reported, so that the speed drift of a shared machine cancels.
 
 Training memory is the peak growth over the built model during a few optimizer steps (activations,
 gradients, AdamW state, workspaces): ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak
@@ -168,6 +170,10 @@ def _rotate(items: List[Any], shift: int) -> List[Any]:
     return items[shift:] + items[:shift]
 
 
+def _round_medians(times: List[List[float]]) -> List[float]:
+    return [statistics.median(rnd) for rnd in times]
+
+
 def _median_over_rounds(times: List[List[float]]) -> tuple:
     """Median of all timed runs, and the relative spread of the per-round medians (a disturbance flag)."""
     flat = [t for rnd in times for t in rnd]
@@ -238,39 +244,40 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         for name in settings:
             memory[name] = _memory_probe(argparse.Namespace(**{**vars(args), "memory_probe": name}), device)
 
-    peak = statistics.median(peaks[args.precision])
-    ref_ips = None
-    train_ref = None
+    # Ratios and efficiencies pair each setting with the reference / the peak of the same round, so that
+    # drift of the machine's speed between rounds cancels; the median over rounds is reported.
+    peak_rounds = peaks[args.precision]
+    ref_rounds = _round_medians(variants[(REFERENCE, False)]["times"])
+    train_ref = _round_medians(train_steps[REFERENCE]["times"]) if REFERENCE in train_steps else None
     rows = []
     for (setting, folded), v in variants.items():
         median_s, spread = _median_over_rounds(v["times"])
-        ips = args.batch_size / median_s
-        row = dict(setting=setting, folded=folded, images_per_s=ips, batch=args.batch_size, flops=v["flops"],
-                   gflops=v["flops"] / 2 ** 30, params=v["params"], trainable=v["trainable"],
-                   ratio_to_plain=None, train_step_s=None, train_ratio=None, peak_mem_mb=None,
-                   efficiency=efficiency(v["flops"], ips, peak), median_s=median_s, spread=spread,
-                   runs=sum(len(t) for t in v["times"]))
+        rounds = _round_medians(v["times"])
+        row = dict(setting=setting, folded=folded, images_per_s=args.batch_size / median_s, batch=args.batch_size,
+                   flops=v["flops"], gflops=v["flops"] / 2 ** 30, params=v["params"], trainable=v["trainable"],
+                   ratio_to_plain=statistics.median(r / s for r, s in zip(ref_rounds, rounds)),
+                   train_step_s=None, train_ratio=None, peak_mem_mb=None,
+                   efficiency=statistics.median(efficiency(v["flops"], args.batch_size / s, p)
+                                                for s, p in zip(rounds, peak_rounds)),
+                   median_s=median_s, spread=spread, round_s=rounds, runs=sum(len(t) for t in v["times"]))
         if not folded and setting in train_steps:
             row["train_step_s"], row["train_spread"] = _median_over_rounds(train_steps[setting]["times"])
+            row["train_round_s"] = _round_medians(train_steps[setting]["times"])
+            row["train_ratio"] = statistics.median(r / s for r, s in zip(train_ref, row["train_round_s"]))
             row["peak_mem_mb"] = memory[setting]
-        if setting == REFERENCE and not folded:
-            ref_ips, train_ref = ips, row["train_step_s"]
         rows.append(row)
-    for row in rows:
-        row["ratio_to_plain"] = row["images_per_s"] / ref_ips
-        if row["train_step_s"] is not None:
-            row["train_ratio"] = train_ref / row["train_step_s"]
 
     machine = dict(device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
                    torch_version=torch.__version__, timm_version=timm.__version__,
                    peak_gflops=statistics.median(peaks["fp32"]) / 1e9,
                    peak_gflops_rounds=[p / 1e9 for p in peaks["fp32"]], peak_size=args.peak_size,
+                   peak_gflops_precision_rounds=[p / 1e9 for p in peak_rounds],
                    load_avg_start=load_start[0], load_avg_end=os.getloadavg()[0],
                    cpu_allocator=_allocator_info(args),
                    memory_method=("cuda max_memory_allocated" if device.type == "cuda"
                                   else "VmHWM growth of a fresh subprocess per setting"))
     if args.precision != "fp32":
-        machine[f"peak_gflops_{args.precision}"] = peak / 1e9
+        machine[f"peak_gflops_{args.precision}"] = statistics.median(peak_rounds) / 1e9
     config = dict(model=args.model, precision=args.precision, batch_size=args.batch_size, img_size=args.img_size,
                   rounds=args.rounds, runs_per_round=args.runs, train_runs_per_round=args.train_runs,
                   compile=args.compile, train=not args.no_train, peft=args.peft, num_classes=args.num_classes,
