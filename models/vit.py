@@ -34,7 +34,9 @@ class MergingAttention(Attention):
     runs; ``fused_attn = False`` gives the explicit softmax, the reference for tests.
     """
 
-    def forward(self, x: torch.Tensor, size: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, size: Optional[torch.Tensor] = None,
+                metric: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Attention output and, if ``metric``, the keys averaged over heads (B×N×d) for the matching."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -50,7 +52,7 @@ class MergingAttention(Attention):
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.proj_drop(self.proj(self.norm(x)))
-        return x, k.mean(1)
+        return x, k.mean(1) if metric else None
 
 
 class MergingBlock(Block):
@@ -69,7 +71,7 @@ class MergingBlock(Block):
             size: Optional[torch.Tensor] = None,
             source: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        x_attn, metric = self.attn(self.norm1(x), size if self.prop_attn else None)
+        x_attn, metric = self.attn(self.norm1(x), size if self.prop_attn else None, metric=self.r > 0)
         x = x + self.drop_path1(self.ls1(x_attn))
         if self.r > 0:
             merge, _ = bipartite_soft_matching(metric, self.r, self.class_token, self.distill_token)
