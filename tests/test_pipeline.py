@@ -86,17 +86,23 @@ def test_end_to_end_learns_and_logs_schema(digits_root, tmp_path):
     assert again.returncode == 3 and "finished run" in again.stderr
 
 
+def start_until(root, out, extra, line):
+    """Start a training run in the background and return it once its train.log shows ``line``."""
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits.yaml")]
+    proc = subprocess.Popen(cmd + overrides(root, out, *extra), cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "t" / "digits" / "train.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and line not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.05)
+    return proc
+
+
 def test_resume_after_sigkill_equals_uninterrupted(digits_root, tmp_path):
     extra = ["train.epochs=4", "train.eval_interval=1", "train.batch_size=20"]
     run_train(digits_root, tmp_path / "straight", *extra)
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits.yaml")]
-    proc = subprocess.Popen(cmd + overrides(digits_root, out, *extra), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "t" / "digits" / "train.log"
-    deadline = time.time() + 240
-    while time.time() < deadline and "epoch 1 step" not in (log.read_text() if log.exists() else ""):
-        time.sleep(0.05)
+    proc = start_until(digits_root, out, extra, "epoch 1 step")
     proc.kill()                                                          # SIGKILL, mid-epoch 1
     proc.wait()
     assert torch.load(out / "t" / "digits" / "last.pth", weights_only=True)["next_epoch"] >= 1
@@ -108,13 +114,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(digits_root, tmp_path
     extra = ["train.epochs=3", "train.eval_interval=1", "train.batch_size=10"]
     run_train(digits_root, tmp_path / "straight", *extra)
     out = tmp_path / "preempted"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits.yaml")]
-    proc = subprocess.Popen(cmd + overrides(digits_root, out, *extra), cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = out / "t" / "digits" / "train.log"
-    deadline = time.time() + 240
-    while time.time() < deadline and "epoch 1 step 50" not in (log.read_text() if log.exists() else ""):
-        time.sleep(0.05)
+    proc = start_until(digits_root, out, extra, "epoch 1 step 50")
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
