@@ -75,6 +75,7 @@ SETTINGS: Dict[str, tuple] = {
     "pyra_high": ("high", True),
 }
 REFERENCE = "plain"
+DISTURBED = 0.10  # relative spread of the per-round medians above which the table is flagged
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on the heap
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -369,6 +370,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return {}
     report = run_benchmark(args)
     print(format_table(report))
+    worst = max(max(r["spread"], r.get("train_spread") or 0.0) for r in report["results"])
+    if worst > DISTURBED:
+        print(f"warning: per-round times differ by up to {100 * worst:.0f}% (load "
+              f"{report['machine']['load_avg_end']:.1f}): the machine was busy, re-run when it is quiet")
     path = args.json or ROOT / "benchmark_results" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
