@@ -63,7 +63,9 @@ def select_device(name: str, dist: DistInfo) -> torch.device:
 
 
 def run_dir(cfg: Any) -> Path:
-    return Path(cfg.output_dir) / cfg.experiment / canonical_task(cfg.data.task)
+    """``<output_dir>/<experiment>/<task>/seed<k>/``: the seed is part of a run's identity, so runs of
+    different seeds never share a folder (and resume / skip-finished work per seed)."""
+    return Path(cfg.output_dir) / cfg.experiment / canonical_task(cfg.data.task) / f"seed{cfg.seed}"
 
 
 def prepare_run_dir(out: Path, resume: Optional[str], overwrite: bool) -> Optional[Path]:

@@ -66,7 +66,7 @@ def assert_same_run(a, b):
 def test_end_to_end_learns_and_logs_schema(digits_root, tmp_path):
     run_train(digits_root, tmp_path, "train.epochs=6", "train.eval_interval=2", "optim.lr=1e-3", "peft.type=full",
               "train.batch_size=20")
-    run = tmp_path / "t" / "digits"
+    run = tmp_path / "t" / "digits" / "seed0"
     lines = log_lines(run)
     assert [r["epoch"] for r in lines] == [0, 2, 4, 5]               # every eval_interval and the last epoch
     for r in lines:
@@ -91,7 +91,7 @@ def start_until(root, out, extra, line):
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits.yaml")]
     proc = subprocess.Popen(cmd + overrides(root, out, *extra), cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = out / "t" / "digits" / "train.log"
+    log = out / "t" / "digits" / "seed0" / "train.log"
     deadline = time.time() + 240
     while time.time() < deadline and line not in (log.read_text() if log.exists() else ""):
         time.sleep(0.05)
@@ -105,9 +105,9 @@ def test_resume_after_sigkill_equals_uninterrupted(digits_root, tmp_path):
     proc = start_until(digits_root, out, extra, "epoch 1 step")
     proc.kill()                                                          # SIGKILL, mid-epoch 1
     proc.wait()
-    assert torch.load(out / "t" / "digits" / "last.pth", weights_only=True)["next_epoch"] >= 1
+    assert torch.load(out / "t" / "digits" / "seed0" / "last.pth", weights_only=True)["next_epoch"] >= 1
     run_train(digits_root, out, *extra, resume="auto")
-    assert_same_run(tmp_path / "straight" / "t" / "digits", out / "t" / "digits")
+    assert_same_run(tmp_path / "straight" / "t" / "digits" / "seed0", out / "t" / "digits" / "seed0")
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(digits_root, tmp_path):
@@ -119,10 +119,10 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(digits_root, tmp_path
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "stopped by signal" in output
-    state = torch.load(out / "t" / "digits" / "last.pth", weights_only=True)
+    state = torch.load(out / "t" / "digits" / "seed0" / "last.pth", weights_only=True)
     assert state["next_epoch"] == 1 and state["epoch_state"]["step"] >= 50   # saved mid-epoch
     run_train(digits_root, out, *extra, resume="auto")
-    assert_same_run(tmp_path / "straight" / "t" / "digits", out / "t" / "digits")
+    assert_same_run(tmp_path / "straight" / "t" / "digits" / "seed0", out / "t" / "digits" / "seed0")
 
 
 def test_ddp_two_processes_matches_single_process(digits_root, tmp_path):
@@ -134,15 +134,15 @@ def test_ddp_two_processes_matches_single_process(digits_root, tmp_path):
     cmd += overrides(digits_root, out, *extra, "train.batch_size=25")       # same global batch
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single, ddp = log_lines(tmp_path / "single" / "t" / "digits"), log_lines(out / "t" / "digits")
+    single, ddp = log_lines(tmp_path / "single" / "t" / "digits" / "seed0"), log_lines(out / "t" / "digits" / "seed0")
     assert [r["epoch"] for r in ddp] == [0, 1]                              # logged once, by rank 0
-    assert (out / "t" / "digits" / "train.log").read_text().count("epoch 1:") == 1
+    assert (out / "t" / "digits" / "seed0" / "train.log").read_text().count("epoch 1:") == 1
     for a, b in zip(single, ddp):
         assert abs(a["test_acc1"] - b["test_acc1"]) <= 0.3                  # same data order, same global batch
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-3
     # the distributed evaluation is exact: a single process evaluating the DDP weights gets the same accuracy
-    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--config", str(out / "t" / "digits" / "config.yaml"),
-                           "--checkpoint", str(out / "t" / "digits" / "last.pth"), "--runs", "1", "--json", "-"],
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--config", str(out / "t" / "digits" / "seed0" / "config.yaml"),
+                           "--checkpoint", str(out / "t" / "digits" / "seed0" / "last.pth"), "--runs", "1", "--json", "-"],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -157,7 +157,7 @@ def test_config_errors_exit_before_work(digits_root, tmp_path):
     assert proc.returncode == 2 and "optim.pyra_lr" in proc.stderr
     proc = run_train(digits_root, tmp_path, "train.drop_last=true", "train.batch_size=2000", check=False)
     assert proc.returncode == 2 and "train.batch_size=2000" in proc.stderr
-    assert not (tmp_path / "t" / "digits" / "last.pth").exists()
+    assert not (tmp_path / "t" / "digits" / "seed0" / "last.pth").exists()
 
 
 def test_pyra_parameters_get_their_own_group(digits_root):

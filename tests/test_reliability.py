@@ -46,7 +46,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoin
     monkeypatch.setattr(lib.engine.F, "cross_entropy", poisoned)
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 2"):
         train_script.train(cfg, resume=None, overwrite=False)
-    run = tmp_path / "logs" / "r" / "digits"
+    run = tmp_path / "logs" / "r" / "digits" / "seed0"
     ckpt = load_run_checkpoint(run / "last.pth")
     assert ckpt["next_epoch"] == 1 and ckpt["epoch_state"]["step"] == 0   # the end of epoch 0, untouched
     assert [json.loads(line)["epoch"] for line in (run / "log.txt").read_text().splitlines()] == [0]
