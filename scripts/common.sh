@@ -1,5 +1,10 @@
 # Shared by vtab.sh and vtab_all.sh (sourced, not run).
 
+# The 19 VTAB-1k tasks in the official order.
+ALL_TASKS=(cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397
+           patch_camelyon eurosat resisc45 diabetic_retinopathy
+           clevr_count clevr_dist dmlab kitti dsprites_loc dsprites_ori smallnorb_azi smallnorb_ele)
+
 # resolve_config CONFIG ROOT: print CONFIG as an absolute path. CONFIG may be a file, a path relative to
 # the repository root, or a name under configs/ with or without .yaml (train.py runs from the root,
 # where the configs' relative data/ and weight/ paths point).
@@ -15,4 +20,73 @@ resolve_config() {
         echo "$(basename "$0"): config not found: $config" >&2
         return 2
     fi
+}
+
+# resolve_runs NAME CONFIG "TASKS" [OVERRIDE ...]: load the config with the overrides (lib.config, run from
+# the repository root with $PYTHON) and print four lines:
+#   1. the experiment folder, <output_dir>/<experiment>
+#   2. TASKS canonicalised (task folder names as train.py writes them)
+#   3. "task:spelling,spelling ..." - every folder name a run of a task may have
+#   4. the config's seed (the default of SEEDS)
+# A bad config or override fails here with exit code 2, before anything runs.
+resolve_runs() {
+    local name="$1" config="$2" tasks="$3"
+    shift 3
+    SCRIPT_NAME="$name" ALL_TASKS="${ALL_TASKS[*]}" "$PYTHON" - "$config" "$tasks" "$@" <<'PY'
+import os
+import sys
+import types
+
+# lib.config needs only models/backbones.py (pure Python): load it without models/__init__.py, which
+# imports torch and timm (seconds of start-up for a file-name lookup).
+if os.path.isfile(os.path.join("models", "backbones.py")) and "models" not in sys.modules:
+    package = types.ModuleType("models")
+    package.__path__ = [os.path.abspath("models")]
+    sys.modules["models"] = package
+
+from lib.config import ConfigError, load_config  # noqa: E402
+
+try:
+    from data.vtab_splits import TASK_ALIASES, canonical_task
+except ImportError:
+    from lib.data import TASK_ALIASES, canonical_task
+
+config, tasks, overrides = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+try:
+    cfg = load_config(config, overrides)
+except ConfigError as e:
+    sys.exit(f"{os.environ['SCRIPT_NAME']}: {e}")
+print(os.path.join(cfg.output_dir, cfg.experiment))
+print(" ".join(canonical_task(t) for t in tasks))
+spellings = sorted({canonical_task(t) for t in tasks + os.environ["ALL_TASKS"].split()})
+print(" ".join(f"{t}:" + ",".join([t] + [a for a, c in TASK_ALIASES.items() if c == t]) for t in spellings))
+print(cfg.seed)
+PY
+}
+
+# finished_file EXP_DIR SPELLINGS TASK SEED: the final.json of the run of TASK (canonical name) and SEED
+# under any spelling of the task (SPELLINGS: line 3 of resolve_runs), or nothing.
+finished_file() {
+    local exp_dir="$1" spellings="$2" task="$3" seed="$4" entry name names
+    for entry in $spellings; do
+        [[ "${entry%%:*}" == "$task" ]] || continue
+        IFS=, read -r -a names <<<"${entry#*:}"
+        for name in "${names[@]}"; do
+            if [[ -f "$exp_dir/$name/seed$seed/final.json" ]]; then
+                echo "$exp_dir/$name/seed$seed/final.json"
+                return
+            fi
+        done
+    done
+}
+
+# check_seeds SCRIPT "SEEDS": fail (exit code 2) unless SEEDS is a list of non-negative integers.
+check_seeds() {
+    local seed
+    for seed in $2; do
+        if ! [[ "$seed" =~ ^[0-9]+$ ]]; then
+            echo "$1: SEEDS must be non-negative integers separated by spaces, got '$2'" >&2
+            return 2
+        fi
+    done
 }

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Train all 19 VTAB-1k tasks of one config, in the official order, one after another.
-# Tasks whose logs/<experiment>/<task>/final.json exists are skipped; an interrupted task resumes;
-# a failing task does not stop the others: failures are listed at the end (exit code 1).
+# Train all 19 VTAB-1k tasks of one config, in the official order, one after another, each for every
+# seed: <output_dir>/<experiment>/<task>/seed<k>/. Runs whose final.json exists are skipped; an
+# interrupted run resumes; a failing run does not stop the others: failures are listed at the end
+# (exit code 1).
 #
-# Usage: scripts/vtab_all.sh [--gpu N] <config> [--train-flag ...] [dotted.key=value ...]
+# Usage: scripts/vtab_all.sh [--gpu N] [--slurm[=FILE] [--submit] [--sbatch=OPTION ...]] <config>
+#                            [--train-flag ...] [dotted.key=value ...]
 #   <config>    a YAML file, or its name under configs/ (e.g. vit_b16/lora_pyra_high)
 #   --gpu N     GPU to use (same as GPU=N)
-#   --overwrite passed to train.py; finished tasks are then re-run instead of skipped
+#   --overwrite passed to train.py; finished runs are then re-run instead of skipped
+#   --slurm     train nothing here: write one SLURM job array (default FILE:
+#               <experiment folder>/slurm/vtab_all.sbatch), one element per unfinished task x seed,
+#               each running scripts/vtab.sh for that task and seed. Submitting it again is safe
+#               (finished runs are skipped, unfinished ones resume). Run one element without SLURM:
+#               SLURM_ARRAY_TASK_ID=0 bash FILE
+#   --submit    also submit it (sbatch); --sbatch=OPTION adds an #SBATCH line (e.g. --sbatch=--time=8:00:00)
 # Environment:
+#   SEEDS="0 1 2"       train these seeds (seed=<k> overrides); default: the config's seed
 #   TASKS="dtd kitti"   restrict to these tasks (any accepted spelling), run in the given order
-#   GPU, CUDA_VISIBLE_DEVICES, NPROC, PYTHON   as for scripts/vtab.sh
+#   GPU, CUDA_VISIBLE_DEVICES, NPROC, PYTHON   as for scripts/vtab.sh (NPROC: GPUs per array element)
 # The experiment folder is <output_dir>/<experiment> of the resolved config (lib.config.load_config with
 # the same overrides), so experiment= and output_dir= overrides and config keys are respected.
 set -euo pipefail
@@ -17,21 +26,31 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ALL_TASKS=(cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397
-           patch_camelyon eurosat resisc45 diabetic_retinopathy
-           clevr_count clevr_dist dmlab kitti dsprites_loc dsprites_ori smallnorb_azi smallnorb_ele)
+source "$ROOT/scripts/common.sh"
 
 config=""
 rest=()
 overwrite=0
+slurm=""
+slurm_file=""
+submit=0
+sbatch_options=()
+seed_override=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --gpu) [[ $# -ge 2 ]] || { echo "vtab_all.sh: --gpu needs a value" >&2; exit 2; }
                export GPU="$2"; shift 2; continue ;;
         --gpu=*) export GPU="${1#--gpu=}" ;;
+        --slurm) slurm=1 ;;
+        --slurm=*) slurm=1; slurm_file="${1#--slurm=}" ;;
+        --submit) submit=1 ;;
+        --sbatch=*) sbatch_options+=("${1#--sbatch=}") ;;
+        --sbatch) [[ $# -ge 2 ]] || { echo "vtab_all.sh: --sbatch needs a value" >&2; exit 2; }
+                  sbatch_options+=("$2"); shift 2; continue ;;
         --overwrite) overwrite=1; rest+=("$1") ;;
         data.task=*) echo "vtab_all.sh: choose tasks with TASKS=\"...\", not '$1'" >&2; exit 2 ;;
+        seed=*) seed_override=$1; rest+=("$1") ;;
         --*) rest+=("$1") ;;
         *) if [[ -z "$config" ]]; then config=$1; else rest+=("$1"); fi ;;
     esac
@@ -41,11 +60,24 @@ if [[ -z "$config" ]]; then
     usage >&2
     exit 2
 fi
+if [[ $submit -eq 1 && -z "$slurm" ]]; then
+    echo "vtab_all.sh: --submit goes with --slurm" >&2
+    exit 2
+fi
+if [[ -n "$slurm" && $overwrite -eq 1 ]]; then
+    echo "vtab_all.sh: --overwrite with --slurm would re-train finished runs each time the array is submitted;" \
+         "delete those runs instead" >&2
+    exit 2
+fi
+if [[ -n "${SEEDS:-}" && -n "$seed_override" ]]; then
+    echo "vtab_all.sh: give the seed either as SEEDS='${SEEDS}' or as '$seed_override', not both" >&2
+    exit 2
+fi
+check_seeds vtab_all.sh "${SEEDS:-}" || exit 2
 if [[ -n "${GPU:-}" && -z "${CUDA_VISIBLE_DEVICES:-}" ]]; then
     export CUDA_VISIBLE_DEVICES="$GPU"
 fi
 
-source "$ROOT/scripts/common.sh"
 config="$(resolve_config "$config" "$ROOT")" || exit 2
 
 overrides=()
@@ -56,57 +88,15 @@ done
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 cd "$ROOT"
 
-# Experiment folder and the task list, from the resolved config (a bad config or override fails here,
-# once, instead of 19 times). The task names are canonicalised so that final.json is found under
-# whichever spelling train.py uses for the folder.
-resolved="$(ALL_TASKS="${ALL_TASKS[*]}" "$PYTHON" - "$config" "${TASKS:-}" "${overrides[@]+"${overrides[@]}"}" <<'EOF'
-import os
-import sys
-import types
-
-# lib.config needs only models/backbones.py (pure Python): load it without models/__init__.py, which
-# imports torch and timm (seconds of start-up for a file-name lookup).
-if os.path.isfile(os.path.join("models", "backbones.py")) and "models" not in sys.modules:
-    package = types.ModuleType("models")
-    package.__path__ = [os.path.abspath("models")]
-    sys.modules["models"] = package
-
-from lib.config import ConfigError, load_config  # noqa: E402
-
-try:
-    from data.vtab_splits import TASK_ALIASES, canonical_task
-except ImportError:
-    from lib.data import TASK_ALIASES, canonical_task
-
-config, tasks, overrides = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
-try:
-    cfg = load_config(config, overrides)
-except ConfigError as e:
-    sys.exit(f"vtab_all.sh: {e}")
-print(os.path.join(cfg.output_dir, cfg.experiment))
-print(" ".join(canonical_task(t) for t in tasks))
-# Line 3: "task:spelling,spelling ..." - every folder name a finished run of the task may have.
-spellings = sorted({canonical_task(t) for t in tasks + os.environ["ALL_TASKS"].split()})
-print(" ".join(f"{t}:" + ",".join([t] + [a for a, c in TASK_ALIASES.items() if c == t]) for t in spellings))
-EOF
-)" || exit 2
+# Experiment folder, the task list and the default seed, from the resolved config (a bad config or
+# override fails here, once, instead of 19 times). The task names are canonicalised so that final.json
+# is found under whichever spelling train.py uses for the folder.
+resolved="$(resolve_runs vtab_all.sh "$config" "${TASKS:-}" "${overrides[@]+"${overrides[@]}"}")" || exit 2
 exp_dir="$(sed -n 1p <<<"$resolved")"
 selected="$(sed -n 2p <<<"$resolved")"
 spellings="$(sed -n 3p <<<"$resolved")"
+seeds=(${SEEDS:-$(sed -n 4p <<<"$resolved")})
 
-finished_file() {  # the final.json of task $1 under any of its spellings, or nothing
-    local entry name names
-    for entry in $spellings; do
-        [[ "${entry%%:*}" == "$1" ]] || continue
-        IFS=, read -r -a names <<<"${entry#*:}"
-        for name in "${names[@]}"; do
-            if [[ -f "$exp_dir/$name/final.json" ]]; then
-                echo "$exp_dir/$name/final.json"
-                return
-            fi
-        done
-    done
-}
 if [[ -n "${TASKS:-}" ]]; then
     read -r -a tasks <<<"$selected"
 else
@@ -117,41 +107,88 @@ if [[ ${#tasks[@]} -eq 0 ]]; then
     echo "vtab_all.sh: no task selected (TASKS='${TASKS:-}')" >&2
     exit 2
 fi
-echo "[vtab_all.sh] experiment folder: $exp_dir; ${#tasks[@]} task(s): ${tasks[*]}" >&2
+echo "[vtab_all.sh] experiment folder: $exp_dir; ${#tasks[@]} task(s): ${tasks[*]}; seed(s): ${seeds[*]}" >&2
+
+label() {  # task $1 seed $2, as named in messages
+    if [[ ${#seeds[@]} -gt 1 ]]; then echo "$1/seed$2"; else echo "$1"; fi
+}
+seed_env() {  # the SEEDS given to vtab.sh for seed $1: none when the user gave none (no seed= added)
+    if [[ -n "${SEEDS:-}" ]]; then echo "SEEDS=$1"; else echo "-u SEEDS"; fi
+}
+
+# ------------------------------------------------------------------------------------------------ SLURM
+if [[ -n "$slurm" ]]; then
+    slurm_file="${slurm_file:-$exp_dir/slurm/vtab_all.sbatch}"
+    commands=()
+    for task in "${tasks[@]}"; do
+        for seed in "${seeds[@]}"; do
+            final="$(finished_file "$exp_dir" "$spellings" "$task" "$seed")"
+            if [[ -n "$final" ]]; then
+                echo "[vtab_all.sh] skip $(label "$task" "$seed"): $final exists" >&2
+                continue
+            fi
+            read -r -a senv <<<"$(seed_env "$seed")"
+            commands+=("$(printf '%q ' env "${senv[@]}" "$ROOT/scripts/vtab.sh" "$task" "$config" \
+                          "${rest[@]+"${rest[@]}"}")")
+        done
+    done
+    if [[ ${#commands[@]} -eq 0 ]]; then
+        echo "[vtab_all.sh] every run is finished: nothing to submit" >&2
+        exit 0
+    fi
+    env_args=(--env "PYTHON=$PYTHON")
+    [[ -z "${NPROC:-}" ]] || env_args+=(--env "NPROC=$NPROC")
+    sbatch_args=()
+    for option in "${sbatch_options[@]+"${sbatch_options[@]}"}"; do
+        sbatch_args+=("--sbatch=$option")
+    done
+    [[ $submit -eq 0 ]] || sbatch_args+=(--submit)
+    printf '%s\n' "${commands[@]}" | "$PYTHON" "$ROOT/scripts/slurm_array.py" --out "$slurm_file" \
+        --name "vtab-$(basename "$exp_dir")" --gpus "${NPROC:-1}" --cd "$ROOT" "${env_args[@]}" \
+        --description "Written by scripts/vtab_all.sh --slurm: $exp_dir, tasks ${tasks[*]}, seeds ${seeds[*]}." \
+        "${sbatch_args[@]+"${sbatch_args[@]}"}"
+    exit $?
+fi
+
+# ---------------------------------------------------------------------------------------- one by one
 trap 'echo "[vtab_all.sh] interrupted" >&2; exit 130' INT TERM
 
-done_tasks=()
+done_runs=()
 skipped=()
 failed=()
 for task in "${tasks[@]}"; do
-    final="$(finished_file "$task")"
-    if [[ $overwrite -eq 0 && -n "$final" ]]; then
-        echo "[vtab_all.sh] skip $task: $final exists" >&2
-        skipped+=("$task")
-        continue
-    fi
-    echo "[vtab_all.sh] === $task ===" >&2
-    if "$ROOT/scripts/vtab.sh" "$task" "$config" "${rest[@]+"${rest[@]}"}"; then
-        if [[ -n "$(finished_file "$task")" ]]; then
-            done_tasks+=("$task")
-        else  # e.g. stopped by SIGTERM: train.py saved last.pth and exited cleanly
-            echo "[vtab_all.sh] $task stopped before the end (no final.json); run again to resume" >&2
-            failed+=("$task")
+    for seed in "${seeds[@]}"; do
+        name="$(label "$task" "$seed")"
+        final="$(finished_file "$exp_dir" "$spellings" "$task" "$seed")"
+        if [[ $overwrite -eq 0 && -n "$final" ]]; then
+            echo "[vtab_all.sh] skip $name: $final exists" >&2
+            skipped+=("$name")
+            continue
         fi
-    else
-        status=$?
-        if [[ $status -eq 130 ]]; then
-            echo "[vtab_all.sh] interrupted" >&2
-            exit 130
+        echo "[vtab_all.sh] === $name ===" >&2
+        read -r -a senv <<<"$(seed_env "$seed")"
+        if env "${senv[@]}" "$ROOT/scripts/vtab.sh" "$task" "$config" "${rest[@]+"${rest[@]}"}"; then
+            if [[ -n "$(finished_file "$exp_dir" "$spellings" "$task" "$seed")" ]]; then
+                done_runs+=("$name")
+            else  # e.g. stopped by SIGTERM: train.py saved last.pth and exited cleanly
+                echo "[vtab_all.sh] $name stopped before the end (no final.json); run again to resume" >&2
+                failed+=("$name")
+            fi
+        else
+            status=$?
+            if [[ $status -eq 130 ]]; then
+                echo "[vtab_all.sh] interrupted" >&2
+                exit 130
+            fi
+            echo "[vtab_all.sh] FAILED $name (exit code $status)" >&2
+            failed+=("$name")
         fi
-        echo "[vtab_all.sh] FAILED $task (exit code $status)" >&2
-        failed+=("$task")
-    fi
+    done
 done
 
-echo "[vtab_all.sh] ran ${#done_tasks[@]}, skipped ${#skipped[@]} (finished), failed ${#failed[@]}" >&2
+echo "[vtab_all.sh] ran ${#done_runs[@]}, skipped ${#skipped[@]} (finished), failed ${#failed[@]}" >&2
 if [[ ${#failed[@]} -gt 0 ]]; then
-    echo "[vtab_all.sh] failed tasks: ${failed[*]} (see $exp_dir/<task>/train.log)" >&2
+    echo "[vtab_all.sh] failed tasks: ${failed[*]} (see $exp_dir/<task>/seed<k>/train.log)" >&2
     exit 1
 fi
 echo "[vtab_all.sh] results: python scripts/collect_results.py $exp_dir" >&2

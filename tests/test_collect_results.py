@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import pytest
 from PIL import Image
@@ -27,9 +26,9 @@ cr = _load_script("collect_results")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(exp: Path, task: str, curve: List[Tuple[int, float]], finished: bool = True,
+def write_run(exp: Path, task: str, curve: list[tuple[int, float]], finished: bool = True,
               n_parameters: int = 300_000, gflops: float = 5.0, throughput: float = 1000.0,
-              final_best: Optional[float] = None, epochs: int = 10, experiment: str = "") -> Path:
+              final_best: float | None = None, epochs: int = 10, experiment: str = "") -> Path:
     """A task folder as train.py writes it: log.txt (JSON lines), efficiency.json, final.json if finished."""
     d = exp / task
     d.mkdir(parents=True)
@@ -213,7 +212,7 @@ def test_demo_task_outside_vtab_is_listed_without_vtab_columns(tmp_path: Path) -
     exp = tmp_path / "demo"
     write_run(exp, "digits", [(0, 30.0), (1, 60.0)])
     result = cr.collect([exp], plots=False)
-    summary: Dict = result["summaries"][0]
+    summary: dict = result["summaries"][0]
     assert summary["extra_tasks"] == ["digits"] and summary["runs"]["digits"]["best_acc1"] == 60.0
     header = result["markdown"].splitlines()[4]
     assert "digits" in header and "Cifar100" not in header and "Natural" not in header

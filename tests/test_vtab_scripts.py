@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import pytest
 
@@ -35,14 +34,15 @@ if task in os.environ.get("FAKE_FAIL", "").split():
 if task not in os.environ.get("FAKE_UNFINISHED", "").split():  # as train.py: final.json when done
     value = lambda key, default: ([a.split("=", 1)[1] for a in args if a.startswith(key + "=")] or [default])[-1]
     config = args[args.index("--config") + 1]
-    out = os.path.join(value("output_dir", "logs"), value("experiment", os.path.basename(config)[:-5]), task)
+    out = os.path.join(value("output_dir", "logs"), value("experiment", os.path.basename(config)[:-5]), task,
+                       "seed" + value("seed", "0"))
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, "final.json"), "w").write('{{"finished": true}}')
 """
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Tuple[Dict[str, str], Path]:
+def fake(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """(environment for the scripts, call log)."""
     python = tmp_path / "fakepython"
     python.write_text(FAKE.format(python=sys.executable))
@@ -61,13 +61,13 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
-def run(script: Path, args: List[str], env: Dict[str, str], timeout: int = 60,
+def run(script: Path, args: list[str], env: dict[str, str], timeout: int = 60,
         **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(script)] + args, env={**env, **extra}, capture_output=True, text=True,
                           timeout=timeout, cwd="/")
 
 
-def calls(log: Path) -> List[dict]:
+def calls(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
@@ -128,15 +128,15 @@ def test_vtab_all_skips_finished_continues_past_failures(fake, config: Path, tmp
     out = tmp_path / "out"
     # Finished runs: kitti under its own name, oxford_iiit_pet under the paper's spelling.
     for task in ("kitti", "oxford_pet"):
-        (out / "tiny" / task).mkdir(parents=True)
-        (out / "tiny" / task / "final.json").write_text('{"finished": true}')
-    (out / "tiny" / "dtd").mkdir()                      # unfinished: no final.json -> resumed
+        (out / "tiny" / task / "seed0").mkdir(parents=True)
+        (out / "tiny" / task / "seed0" / "final.json").write_text('{"finished": true}')
+    (out / "tiny" / "dtd" / "seed0").mkdir(parents=True)   # unfinished: no final.json -> resumed
     proc = run(VTAB_ALL, [str(config), f"output_dir={out}"], env,
                TASKS="cifar100 kitti oxford_iiit_pet dtd svhn eurosat", FAKE_FAIL="cifar svhn",
                FAKE_UNFINISHED="eurosat")
     assert proc.returncode == 1
     assert [c["task"] for c in calls(log)] == ["cifar", "dtd", "svhn", "eurosat"]
-    assert (out / "tiny" / "dtd" / "final.json").is_file()
+    assert (out / "tiny" / "dtd" / "seed0" / "final.json").is_file()
     assert "failed tasks: cifar svhn eurosat" in proc.stderr
     assert "eurosat stopped before the end" in proc.stderr
     assert "skip kitti" in proc.stderr and "skip oxford_iiit_pet" in proc.stderr
@@ -147,8 +147,8 @@ def test_vtab_all_skips_finished_continues_past_failures(fake, config: Path, tmp
     assert proc.returncode == 0 and [c["task"] for c in calls(log)] == ["kitti"]
     assert "--overwrite" in calls(log)[0]["args"] and "--resume" not in calls(log)[0]["args"]
     log.unlink()
-    (out / "renamed" / "dtd").mkdir(parents=True)
-    (out / "renamed" / "dtd" / "final.json").write_text("{}")
+    (out / "renamed" / "dtd" / "seed0").mkdir(parents=True)
+    (out / "renamed" / "dtd" / "seed0" / "final.json").write_text("{}")
     proc = run(VTAB_ALL, [str(config), f"output_dir={out}", "experiment=renamed"], env, TASKS="dtd kitti")
     assert proc.returncode == 0, proc.stderr
     assert [c["task"] for c in calls(log)] == ["kitti"]
@@ -176,7 +176,7 @@ report: {{benchmark_batch: 4, benchmark_seconds: 0.05, flops: true}}
 """
 
 
-def make_vtab_tree(root: Path, tasks: Dict[str, bool]) -> None:
+def make_vtab_tree(root: Path, tasks: dict[str, bool]) -> None:
     """Tiny VTAB-1k task folders: 16 train / 8 test 16×16 PNGs, 4 colour-coded classes.
 
     A task mapped to False gets shuffled test labels, so the two tasks end at different accuracies.
@@ -216,8 +216,8 @@ def test_end_to_end_vtab_all_then_collect_results(tmp_path: Path) -> None:
 
     best, last = {}, {}
     for task in ("dtd", "kitti"):
-        records = [json.loads(line) for line in (exp / task / "log.txt").read_text().splitlines()]
-        final = json.loads((exp / task / "final.json").read_text())
+        records = [json.loads(line) for line in (exp / task / "seed0" / "log.txt").read_text().splitlines()]
+        final = json.loads((exp / task / "seed0" / "final.json").read_text())
         assert [r["epoch"] for r in records] == [0, 1] and final["finished"] is True
         best[task], last[task] = max(r["test_acc1"] for r in records), records[-1]["test_acc1"]
         assert final["best_acc1"] == best[task] and final["last_acc1"] == last[task]
@@ -233,7 +233,7 @@ def test_end_to_end_vtab_all_then_collect_results(tmp_path: Path) -> None:
         assert means["Specialized"]["value"] is None
         assert means["Average"]["value"] == pytest.approx((values["dtd"] + values["kitti"]) / 2)
         assert means["All"]["value"] == pytest.approx((values["dtd"] + values["kitti"]) / 2)
-    efficiency = json.loads((exp / "dtd" / "efficiency.json").read_text())
+    efficiency = json.loads((exp / "dtd" / "seed0" / "efficiency.json").read_text())
     assert s["runs"]["dtd"]["gflops"] == pytest.approx(efficiency["gflops"]) and s["throughput"] > 0
     assert (tmp_path / "report" / "acc_curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -241,7 +241,8 @@ def test_end_to_end_vtab_all_then_collect_results(tmp_path: Path) -> None:
     # config's default task).
     vm = _load_script("visualize_merging")
     image = exp.parent.parent / "vtab" / "dtd" / "images" / "test" / "000000.png"
-    assert vm.main(["--image", str(image), "--config", str(config), "--checkpoint", str(exp / "dtd" / "best.pth"),
+    checkpoint = exp / "dtd" / "seed0" / "best.pth"
+    assert vm.main(["--image", str(image), "--config", str(config), "--checkpoint", str(checkpoint),
                     "--layers", "0", "1", "--out", str(tmp_path / "merge.png")]) == 0
     assert (tmp_path / "merge.png").read_bytes()[:4] == b"\x89PNG"
 
