@@ -7,10 +7,18 @@ when a task is actually read; the writing half (:func:`write_task`) takes plain 
 iterables so it is usable and testable without it. Split strings and labels live in data/vtab_splits.py.
 A task folder is written under ``<task>.partial`` and renamed when complete, so an interrupted build
 never leaves a folder that looks finished.
+
+Every slice is read in TFDS's on-disk order: ``shuffle_files=False`` and
+``tfds.ReadConfig(interleave_cycle_length=1)``, so the shards of a split are read one after another instead
+of interleaved (TFDS's default interleaves 16 shards, which returns the same set of examples in an order that
+depends on the shard layout). The split sizes are checked against TFDS's split info before any image is
+written, and each task folder gets a ``source.json`` recording the TFDS version, the dataset version that was
+read and the exact slices, which ``verify_vtab --manifest`` copies into the manifest.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +29,7 @@ from PIL import Image
 from data.layout import format_list_line, list_file
 from data.vtab_splits import (
     EXPECTED_SPLIT_SIZES,
+    EXPECTED_TEST_SIZES,
     TASK_SPECS,
     VTAB_TASKS,
     TaskSpec,
@@ -30,10 +39,13 @@ from data.vtab_splits import (
     to_rgb_uint8,
 )
 
-__all__ = ["write_split", "write_list", "write_task", "tfds_examples", "build_task", "main"]
+__all__ = ["write_split", "write_list", "write_task", "plan_splits", "tfds_examples", "build_task", "main"]
 
 Example = Tuple[Any, int]
 REQUIREMENTS = "data/requirements-vtab.txt"
+SOURCE_FILE = "source.json"
+SOURCE_FORMAT = "pyra-vtab-source/1"
+READ_ORDER = "on-disk order: shuffle_files=False, tfds.ReadConfig(interleave_cycle_length=1)"
 _FORMATS = {"jpg": {"format": "JPEG", "quality": 95}, "png": {"format": "PNG"}}
 
 
@@ -67,12 +79,14 @@ def write_list(task_dir: Union[str, Path], split: str, entries: Sequence[Tuple[s
 
 def write_task(task_dir: Union[str, Path], splits: Mapping[str, Iterable[Example]], image_format: str = "jpg",
                num_classes: Optional[int] = None, expected_sizes: Optional[Mapping[str, int]] = None,
-               overwrite: bool = False) -> Dict[str, List[Tuple[str, int]]]:
+               overwrite: bool = False, source: Optional[Mapping[str, Any]] = None,
+               ) -> Dict[str, List[Tuple[str, int]]]:
     """Write a complete VTAB-1k task folder from per-split example iterables.
 
     ``splits`` holds ``train800``, ``val200`` and ``test`` (other names are written too);
     ``train800val200`` is always train800 followed by val200. Each split's size is checked against
-    ``expected_sizes`` (default 800 / 200 / 1000). Returns the list-file entries per split.
+    ``expected_sizes`` (default 800 / 200 / 1000). ``source`` (where the data came from) is saved as
+    ``source.json`` next to the list files. Returns the list-file entries per split.
     """
     task_dir = Path(task_dir)
     missing = {"train800", "val200"} - set(splits)
@@ -92,6 +106,8 @@ def write_task(task_dir: Union[str, Path], splits: Mapping[str, Iterable[Example
 
     try:
         lists = _write_splits(partial, splits, image_format, num_classes, expected)
+        if source is not None:
+            (partial / SOURCE_FILE).write_text(json.dumps(dict(source), indent=2) + "\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -128,6 +144,12 @@ def _import_tfds() -> Any:
         raise RuntimeError(
             "building VTAB-1k needs TensorFlow Datasets, an optional extra: "
             f"pip install -r {REQUIREMENTS} (ideally in a separate virtual environment)") from err
+    try:  # TFDS 4.9.10 imports it when preparing any dataset but does not declare it
+        import importlib_resources  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            "TensorFlow Datasets needs the package importlib_resources to prepare datasets (not installed); "
+            f"pip install -r {REQUIREMENTS}") from err
     return tfds
 
 
@@ -143,27 +165,90 @@ def _builder(tfds: Any, spec: TaskSpec, tfds_dir: Optional[str], manual_dir: Opt
         config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         try:
             builder.download_and_prepare(download_config=config)
+        except ImportError as err:  # a missing optional module is not a missing manual download
+            raise RuntimeError(f"{spec.name}: preparing {name} failed: {err}; "
+                               f"pip install -r {REQUIREMENTS}") from err
         except Exception as err:  # network, checksum or manual-download failures
             hint = f" {spec.manual}" if spec.manual else ""
             raise RuntimeError(f"{spec.name}: preparing {name} failed: {err}.{hint}") from err
     return builder
 
 
+def _split_sizes(builder: Any) -> Dict[str, int]:
+    return {str(name): int(info.num_examples) for name, info in builder.info.splits.items()}
+
+
+def plan_splits(builder: Any, spec: TaskSpec) -> Dict[str, Tuple[str, int]]:
+    """Absolute TFDS slice and example count of each VTAB-1k split, from TFDS's split info.
+
+    Raises ``ValueError`` (before anything is read or written) when a split is missing or a slice does not
+    give VTAB's 800 / 200 examples or an empty test split.
+    """
+    sizes = _split_sizes(builder)
+    version = getattr(builder.info, "version", "?")
+    plan: Dict[str, Tuple[str, int]] = {}
+    for split, split_spec in spec.splits.items():
+        base = resolve_split(split_spec, 0)[0]
+        if base not in sizes:
+            raise ValueError(f"{spec.name}: {spec.tfds_name} {version} has no split {base!r} (it has "
+                             f"{sorted(sizes)}); nothing was written")
+        _, start, stop = resolve_split(split_spec, sizes[base])
+        plan[split] = (split_to_tfds(split_spec, sizes[base]), stop - start)
+    wrong = [f"{split} = {split_spec} of {sizes[resolve_split(split_spec, 0)[0]]} gives {plan[split][1]}, "
+             f"expected {EXPECTED_SPLIT_SIZES[split]}"
+             for split, split_spec in spec.splits.items()
+             if split in EXPECTED_SPLIT_SIZES and plan[split][1] != EXPECTED_SPLIT_SIZES[split]]
+    if plan["test"][1] == 0:
+        wrong.append(f"test = {spec.splits['test']} is empty")
+    if wrong:
+        raise ValueError(f"{spec.name}: wrong split sizes in {spec.tfds_name} {version} "
+                         f"(TFDS split sizes {sizes}): {'; '.join(wrong)}; nothing was written")
+    return plan
+
+
 def tfds_examples(builder: Any, spec: TaskSpec, split: str) -> Iterator[Example]:
-    """(image, label) of one VTAB-1k split of ``spec`` read in TFDS order (no shuffling)."""
+    """(image, label) of one VTAB-1k split of ``spec``, in TFDS's on-disk order.
+
+    The slice is read with ``shuffle_files=False`` and ``tfds.ReadConfig(interleave_cycle_length=1)``: the
+    shard files are read one after another, so the examples come in the order they are stored, the same on
+    every machine (TFDS's default interleave would return the same examples in another order).
+    """
     tfds = _import_tfds()
     split_spec = spec.splits[split]
     base = resolve_split(split_spec, 0)[0]
     num_examples = builder.info.splits[base].num_examples
-    dataset = builder.as_dataset(split=split_to_tfds(split_spec, num_examples), shuffle_files=False)
+    dataset = builder.as_dataset(split=split_to_tfds(split_spec, num_examples), shuffle_files=False,
+                                 read_config=tfds.ReadConfig(interleave_cycle_length=1))
     for record in tfds.as_numpy(dataset):
         yield spec.example(record)
+
+
+def _source(tfds: Any, builder: Any, spec: TaskSpec, requested: str, plan: Mapping[str, Tuple[str, int]],
+            image_format: str) -> Dict[str, Any]:
+    """What ``source.json`` records: TFDS and dataset versions, the slices and the read order."""
+    return {
+        "format": SOURCE_FORMAT,
+        "task": spec.name,
+        "tfds_version": str(getattr(tfds, "__version__", "unknown")),
+        "tfds_name": spec.tfds_name,
+        "version_requested": requested,
+        "vtab_version": spec.vtab_pattern,
+        "dataset_version": str(getattr(builder.info, "version", "unknown")),
+        "tfds_split_sizes": _split_sizes(builder),
+        "splits": {split: {"vtab": spec.splits[split], "tfds": tfds_split, "count": count}
+                   for split, (tfds_split, count) in plan.items()},
+        "read_order": READ_ORDER,
+        "image_format": image_format,
+    }
 
 
 def build_task(task: str, out: Union[str, Path], tfds_dir: Optional[str] = None, manual_dir: Optional[str] = None,
                image_format: str = "jpg", overwrite: bool = False, latest_versions: bool = False,
                download: bool = True) -> Path:
-    """Read one task from TFDS and write ``<out>/<canonical task>``; returns the task folder."""
+    """Read one task from TFDS and write ``<out>/<canonical task>``; returns the task folder.
+
+    The split sizes are checked (:func:`plan_splits`) before any image is written.
+    """
     name = canonical_task(task)
     if name not in TASK_SPECS:
         raise ValueError(f"unknown VTAB task {task!r}; expected one of {list(VTAB_TASKS)}")
@@ -171,9 +256,16 @@ def build_task(task: str, out: Union[str, Path], tfds_dir: Optional[str] = None,
     task_dir = Path(out) / name
     if task_dir.exists() and not overwrite:
         raise FileExistsError(f"{task_dir} already exists; pass --overwrite to rebuild it")
-    builder = _builder(_import_tfds(), spec, tfds_dir, manual_dir, latest_versions, download)
+    tfds = _import_tfds()
+    builder = _builder(tfds, spec, tfds_dir, manual_dir, latest_versions, download)
+    plan = plan_splits(builder, spec)
+    known_test = EXPECTED_TEST_SIZES.get(name)
+    if known_test is not None and plan["test"][1] != known_test:
+        print(f"[build_vtab] {name}: warning: test split has {plan['test'][1]} examples, VTAB's has {known_test}",
+              file=sys.stderr)
     splits = {split: tfds_examples(builder, spec, split) for split in ("train800", "val200", "test")}
-    write_task(task_dir, splits, image_format, spec.num_classes, overwrite=overwrite)
+    source = _source(tfds, builder, spec, "latest" if latest_versions else spec.tfds_version, plan, image_format)
+    write_task(task_dir, splits, image_format, spec.num_classes, overwrite=overwrite, source=source)
     return task_dir
 
 
@@ -191,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="image file format (default jpg, quality 95)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild task folders that already exist")
     parser.add_argument("--latest-versions", action="store_true",
-                        help="use TFDS's current dataset versions instead of the ones VTAB pinned")
+                        help="use TFDS's newest dataset versions instead of the table's (VTAB's where TFDS has them)")
     parser.add_argument("--no-download", action="store_true", help="only read datasets TFDS already prepared")
     args = parser.parse_args(argv)
 

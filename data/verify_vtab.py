@@ -5,6 +5,8 @@
 Every problem found is printed on its own line (with ``file:line`` where one applies) instead of
 stopping at the first, and the exit code is 1 if there was any. Warnings (e.g. a test split whose size
 differs from VTAB's, identical images in train and test) are printed but do not fail the check.
+A folder written by ``data.build_vtab`` also holds ``source.json`` (TFDS version, dataset version, slices);
+the manifest copies it under ``source`` (``null`` for folders from elsewhere).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from data.vtab_splits import EXPECTED_SPLIT_SIZES, EXPECTED_TEST_SIZES, LIST_SPL
 __all__ = ["SplitStats", "Report", "verify_task", "verify_root", "write_manifest", "main"]
 
 MANIFEST_FORMAT = "pyra-vtab-manifest/1"
+SOURCE_FILE = "source.json"  # written by data.build_vtab
 Entry = Tuple[int, str, int]  # (line number, relative path, label)
 
 
@@ -55,6 +58,7 @@ class Report:
     problems: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     splits: Dict[str, SplitStats] = field(default_factory=dict)
+    source: Optional[Dict[str, Any]] = None  # source.json of a folder built by data.build_vtab
 
     @property
     def ok(self) -> bool:
@@ -63,6 +67,7 @@ class Report:
     def to_dict(self) -> Dict[str, Any]:
         return {"task_dir": self.task_dir, "num_classes": self.num_classes, "ok": self.ok,
                 "problems": list(self.problems), "warnings": list(self.warnings),
+                "source": self.source,
                 "splits": {name: stats.to_dict() for name, stats in self.splits.items()}}
 
 
@@ -116,6 +121,22 @@ def _read_entries(path: Path, report: Report) -> Optional[Tuple[List[Entry], str
     return entries, hashlib.sha256(raw).hexdigest()
 
 
+def _read_source(task_dir: Path, report: Report) -> Optional[Dict[str, Any]]:
+    """The builder's ``source.json`` (versions and slices), if the folder has one; unreadable is a warning."""
+    path = task_dir / SOURCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        source = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        report.warnings.append(f"{path}: unreadable ({err}); not copied into the manifest")
+        return None
+    if not isinstance(source, dict):
+        report.warnings.append(f"{path}: not a JSON object; not copied into the manifest")
+        return None
+    return source
+
+
 def _num_classes(task_dir: Path, name: str) -> Optional[int]:
     canon = canonical_task(name)
     if canon in VTAB_TASKS:
@@ -164,6 +185,7 @@ def verify_task(task_dir: Union[str, Path], task: Optional[str] = None, deep: bo
     if report.num_classes is None:
         report.warnings.append(f"{task_dir}: unknown task {name!r} and no classes.txt; labels only checked >= 0")
     expected = dict(EXPECTED_SPLIT_SIZES if expected_sizes is None else expected_sizes)
+    report.source = _read_source(task_dir, report)
 
     lists: Dict[str, List[Entry]] = {}
     list_sha: Dict[str, str] = {}
@@ -289,6 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sizes = ", ".join(f"{split} {stats.count}" for split, stats in report.splits.items())
         status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
         print(f"[verify_vtab] {report.task}: {status} ({sizes or 'no list files read'})")
+        if report.source:
+            print(f"  source: TFDS {report.source.get('tfds_version')}, {report.source.get('tfds_name')} "
+                  f"{report.source.get('dataset_version')}")
         for problem in report.problems:
             print(f"  PROBLEM {problem}")
         for warning in report.warnings:

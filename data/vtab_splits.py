@@ -224,11 +224,17 @@ class TaskSpec:
 
     name: str                                   # canonical folder name
     tfds_name: str                              # builder name, with config ("sun397/tfds")
-    tfds_version: str                           # version pattern task_adaptation pinned
+    tfds_version: str                           # version pattern read by default (VTAB's where TFDS has it)
     splits: Dict[str, str]                      # train800 / val200 / test -> split string
     label: Callable[[Mapping[str, Any]], int]
     image_scale: float = 1.0                    # dSprites stores {0, 1}
     manual: Optional[str] = None                # what must be downloaded by hand, if anything
+    vtab_version: Optional[str] = None          # task_adaptation's pattern, when it differs from tfds_version
+
+    @property
+    def vtab_pattern(self) -> str:
+        """The version pattern Google's task_adaptation code asks TFDS for."""
+        return self.vtab_version or self.tfds_version
 
     @property
     def num_classes(self) -> int:
@@ -259,16 +265,19 @@ def _splits(train: str, val: str, test: str) -> Dict[str, str]:
 
 _STANDARD = _splits("train[:800]", "validation[:200]", "test")
 _RESISC_MANUAL = (
-    "resisc45 needs a manual download: get NWPU-RESISC45.rar (link on the TFDS catalog page for resisc45) and "
-    "extract it into the manual dir (<tfds-dir>/downloads/manual/ by default, or --manual-dir), so that "
-    "NWPU-RESISC45/<class>/*.jpg sits there."
+    "resisc45 needs a manual download: get NWPU-RESISC45.rar (linked from the TFDS catalog page for resisc45) "
+    "and extract it into the manual dir (--manual-dir, default <tfds-dir>/downloads/manual/) so that "
+    "NWPU-RESISC45/<class name>/<class name>_NNN.jpg (45 folders, 31,500 images) sits there; TFDS downloads "
+    "nothing else for it, so this works offline."
 )
 _RETINO_MANUAL = (
-    "diabetic_retinopathy (btgraham-300) needs a manual download: accept the rules of the Kaggle competition "
-    "'Diabetic Retinopathy Detection', download its files and unpack them into the manual dir "
-    "(<tfds-dir>/downloads/manual/ by default, or --manual-dir) as the TFDS catalog page for "
-    "diabetic_retinopathy_detection describes (train/, test/, sample/, trainLabels.csv and the test labels "
-    "retinopathy_solution.csv); btgraham-300 preprocessing also needs OpenCV (in data/requirements-vtab.txt)."
+    "diabetic_retinopathy (diabetic_retinopathy_detection/btgraham-300) needs a manual download: accept the "
+    "rules of the Kaggle competition 'Diabetic Retinopathy Detection', download train.zip.*, test.zip.*, "
+    "sample.zip and trainLabels.csv.zip and unpack them into the manual dir (--manual-dir, default "
+    "<tfds-dir>/downloads/manual/) so that it holds train/*.jpeg, test/*.jpeg, sample/*.jpeg and "
+    "trainLabels.csv. TFDS still downloads the test labels (retinopathy_solution.csv, from "
+    "storage.googleapis.com) itself, so this task needs the internet even with the manual files; "
+    "btgraham-300 preprocessing needs OpenCV (in data/requirements-vtab.txt)."
 )
 
 TASK_SPECS: Dict[str, TaskSpec] = {
@@ -279,8 +288,10 @@ TASK_SPECS: Dict[str, TaskSpec] = {
                  _key("label")),
         TaskSpec("dtd", "dtd", "3.*.*", _STANDARD, _key("label")),
         TaskSpec("oxford_flowers102", "oxford_flowers102", "2.*.*", _STANDARD, _key("label")),
-        TaskSpec("oxford_iiit_pet", "oxford_iiit_pet", "3.*.*", _splits("train[:800]", "train[80%:+200]", "test"),
-                 _key("label")),
+        # VTAB read oxford_iiit_pet:3.*.*, which TFDS 4.9.x no longer has; 4.0.0 (head boxes added, corrupt
+        # images fixed) has the same split sizes (train 3680, test 3669).
+        TaskSpec("oxford_iiit_pet", "oxford_iiit_pet", "4.0.0", _splits("train[:800]", "train[80%:+200]", "test"),
+                 _key("label"), vtab_version="3.*.*"),
         TaskSpec("svhn", "svhn_cropped", "3.*.*", _splits("train[:800]", "train[90%:+200]", "test"), _key("label")),
         TaskSpec("sun397", "sun397/tfds", "4.*.*", _STANDARD, _key("label")),
         TaskSpec("patch_camelyon", "patch_camelyon", "2.*.*", _STANDARD, _key("label")),
@@ -295,7 +306,7 @@ TASK_SPECS: Dict[str, TaskSpec] = {
         TaskSpec("clevr_dist", "clevr", "3.*.*", _splits("train[:800]", "train[90%:+200]", "validation"),
                  clevr_distance_label),
         TaskSpec("dmlab", "dmlab", "2.0.1", _STANDARD, _key("label")),
-        TaskSpec("kitti", "kitti", "3.*.*", _STANDARD, kitti_distance_label),
+        TaskSpec("kitti", "kitti", "3.1.0", _STANDARD, kitti_distance_label),  # VTAB's exact pin
         TaskSpec("dsprites_loc", "dsprites", "2.*.*", _splits("train[:800]", "train[80%:+200]", "train[90%:]"),
                  lambda r: dsprites_label(r, "x_position"), image_scale=255.0),
         TaskSpec("dsprites_ori", "dsprites", "2.*.*", _splits("train[:800]", "train[80%:+200]", "train[90%:]"),

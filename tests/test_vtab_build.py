@@ -4,6 +4,7 @@ TensorFlow Datasets is replaced by a small fake module, so the TFDS-reading path
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import build_vtab
+from data import build_vtab, verify_vtab
 from data.build_vtab import build_task, write_task
 from data.verify_vtab import verify_task
 from data.vtab_splits import (
@@ -272,7 +273,8 @@ class FakeBuilder:
 
     def __init__(self, name, data_dir, sizes, make_record, prepare_error=None):
         self.name, self.data_dir = name, data_dir
-        self.info = SimpleNamespace(splits={k: SimpleNamespace(num_examples=v) for k, v in sizes.items()})
+        self.info = SimpleNamespace(splits={k: SimpleNamespace(num_examples=v) for k, v in sizes.items()},
+                                    version="9.8.7")
         self.make_record, self.prepare_error = make_record, prepare_error
         self.requested, self.prepared_with = [], None
 
@@ -281,8 +283,9 @@ class FakeBuilder:
         if self.prepare_error:
             raise self.prepare_error
 
-    def as_dataset(self, split, shuffle_files):
+    def as_dataset(self, split, shuffle_files, read_config=None):
         assert shuffle_files is False
+        assert read_config is not None and read_config.interleave_cycle_length == 1  # TFDS's on-disk order
         match = re.fullmatch(r"(\w+)\[(\d+):(\d+)\]", split)
         assert match, f"builder got a relative split string {split!r}"
         self.requested.append(split)
@@ -304,9 +307,12 @@ def fake_tfds(monkeypatch):
         return b
 
     module.builder = builder
+    module.__version__ = "0.0.fake"
+    module.ReadConfig = lambda **kwargs: SimpleNamespace(**kwargs)
     module.as_numpy = lambda ds: iter(ds)
     module.download = SimpleNamespace(DownloadConfig=lambda manual_dir=None: SimpleNamespace(manual_dir=manual_dir))
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
+    monkeypatch.setitem(sys.modules, "importlib_resources", types.ModuleType("importlib_resources"))
     return module
 
 
@@ -366,3 +372,62 @@ def test_missing_tfds_names_requirements(tmp_path, monkeypatch, capsys):
         build_vtab.main(["--tasks", "imagenet"])
     with pytest.raises(ValueError, match="unknown VTAB task"):
         build_task("imagenet", tmp_path)
+
+
+def test_split_sizes_fail_fast_before_any_image(tmp_path, fake_tfds):
+    fake_tfds.config.update(sizes={"train": 3060}, record=lambda base, i: {  # no "test" split
+        "image": np.zeros((2, 2, 3), np.uint8), "label": np.int64(0)})
+    with pytest.raises(ValueError, match=r"caltech101: caltech101 9\.8\.7 has no split 'test'.*nothing was written"):
+        build_task("caltech101", tmp_path)
+    fake_tfds.config.update(sizes={"train": 1000, "test": 5})  # train[90%:+200] of 1000 gives 100 examples
+    with pytest.raises(ValueError, match=r"val200 = train\[90%:\+200\] of 1000 gives 100, expected 200"):
+        build_task("caltech101", tmp_path)
+    fake_tfds.config.update(sizes={"train": 3060, "test": 0})
+    with pytest.raises(ValueError, match=r"test = test is empty"):
+        build_task("caltech101", tmp_path)
+    assert all(b.requested == [] for b in fake_tfds.builders)  # nothing was read
+    assert not list(tmp_path.iterdir())                          # nor written
+
+
+def test_source_json_records_versions_and_slices_and_reaches_the_manifest(tmp_path, fake_tfds):
+    fake_tfds.config.update(sizes={"train": 3680, "test": 7}, record=lambda base, i: {
+        "image": np.full((2, 2, 3), i % 256, np.uint8), "label": np.int64(i % 37)})
+    task_dir = build_task("oxford_pet", tmp_path, image_format="png")
+    assert fake_tfds.builders[0].name == "oxford_iiit_pet:4.0.0"
+    source = json.loads((task_dir / "source.json").read_text())
+    assert source == {
+        "format": "pyra-vtab-source/1", "task": "oxford_iiit_pet", "tfds_version": "0.0.fake",
+        "tfds_name": "oxford_iiit_pet", "version_requested": "4.0.0", "vtab_version": "3.*.*",
+        "dataset_version": "9.8.7", "tfds_split_sizes": {"train": 3680, "test": 7},
+        "splits": {"train800": {"vtab": "train[:800]", "tfds": "train[0:800]", "count": 800},
+                   "val200": {"vtab": "train[80%:+200]", "tfds": "train[2944:3144]", "count": 200},
+                   "test": {"vtab": "test", "tfds": "test[0:7]", "count": 7}},
+        "read_order": "on-disk order: shuffle_files=False, tfds.ReadConfig(interleave_cycle_length=1)",
+        "image_format": "png"}
+    manifest = tmp_path / "manifest.json"
+    assert verify_vtab.main([str(tmp_path), "--tasks", "oxford_iiit_pet", "--manifest", str(manifest)]) == 0
+    assert json.loads(manifest.read_text())["tasks"]["oxford_iiit_pet"]["source"] == source
+    (task_dir / "source.json").write_text("{not json")
+    report = verify_task(task_dir)
+    assert report.ok and report.source is None and any("source.json: unreadable" in w for w in report.warnings)
+
+
+def test_version_table_matches_the_pinned_tfds():
+    # VTAB pinned kitti:3.1.0 exactly; TFDS 4.9.10 no longer has oxford_iiit_pet 3.x, 4.0.0 has the same splits.
+    assert TASK_SPECS["kitti"].tfds_version == "3.1.0" and TASK_SPECS["kitti"].vtab_pattern == "3.1.0"
+    assert TASK_SPECS["oxford_iiit_pet"].tfds_version == "4.0.0"
+    assert TASK_SPECS["oxford_iiit_pet"].vtab_pattern == "3.*.*"
+    assert TASK_SPECS["cifar"].vtab_pattern == TASK_SPECS["cifar"].tfds_version == "3.*.*"
+
+
+def test_missing_importlib_resources_is_named_not_blamed_on_manual_download(tmp_path, fake_tfds, monkeypatch,
+                                                                           capsys):
+    monkeypatch.setitem(sys.modules, "importlib_resources", None)
+    assert build_vtab.main(["--tasks", "resisc45", "dtd", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("importlib_resources") == 1 and "NWPU" not in err and not fake_tfds.builders
+    monkeypatch.setitem(sys.modules, "importlib_resources", types.ModuleType("importlib_resources"))
+    fake_tfds.config.update(error=ModuleNotFoundError("No module named 'cv2'"))
+    with pytest.raises(RuntimeError, match=r"No module named 'cv2'; pip install -r data/requirements-vtab.txt") as err:
+        build_task("resisc45", tmp_path)
+    assert "NWPU" not in str(err.value)
