@@ -216,3 +216,250 @@ def test_demo_task_outside_vtab_is_listed_without_vtab_columns(tmp_path: Path) -
     assert summary["extra_tasks"] == ["digits"] and summary["runs"]["digits"]["best_acc1"] == 60.0
     header = result["markdown"].splitlines()[4]
     assert "digits" in header and "Cifar100" not in header and "Natural" not in header
+
+
+# ------------------------------------------------------------------------------------ seeds and noise
+def _std(values: list[float]) -> float:
+    """Sample standard deviation, written out (independent of the script's statistics)."""
+    m = sum(values) / len(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def write_seed_run(exp: Path, task: str, seed: int, best: float, last: float, epochs: int = 10,
+                   logged_to: int | None = None, final: bool = True, throughput: float = 1000.0,
+                   selected: float | None = None) -> Path:
+    """A run as train.py writes it now: <exp>/<task>/seed<k>/ (log reaching best then last)."""
+    d = exp / task / f"seed{seed}"
+    d.mkdir(parents=True)
+    end = epochs - 1 if logged_to is None else logged_to
+    lines = [{"epoch": 0, "test_acc1": best, "best_acc1": best}, {"epoch": end, "test_acc1": last,
+                                                                   "best_acc1": max(best, last)}]
+    (d / "log.txt").write_text("".join(json.dumps({"train_lr": 1e-3, "train_loss": 1.0, "test_loss": 1.0,
+                                                   "test_acc5": 99.0, "n_parameters": 1000, **r}) + "\n"
+                                       for r in lines))
+    (d / "config.yaml").write_text(f"experiment: ''\nseed: {seed}\ntrain:\n  epochs: {epochs}\n")
+    (d / "efficiency.json").write_text(json.dumps({"n_parameters": 1000, "gflops": 1.0, "throughput": throughput}))
+    if final:
+        (d / "final.json").write_text(json.dumps({"best_acc1": max(best, last), "last_acc1": last,
+                                                  "epochs": epochs, "finished": True}))
+    if selected is not None:
+        (d / "selected.json").write_text(json.dumps({"finished": True, "test": {"acc1": selected},
+                                                     "chosen": {"optim.pyra_lr": "1e-4"}}))
+    return d
+
+
+# task -> per seed (best, last, selected)
+SEEDED = {
+    "cifar": [(80.0, 79.0, 78.0), (82.0, 80.0, 79.5), (81.0, 81.0, 80.0)],
+    "dtd": [(60.0, 59.0, 58.0), (64.0, 62.0, 61.0), (62.0, 61.0, 59.0)],
+    "eurosat": [(95.0, 94.0, 93.0), (96.0, 96.0, 95.0), (94.0, 93.0, 92.5)],
+    "kitti": [(70.0, 70.0, 69.0), (75.0, 72.0, 71.0), (72.0, 71.0, 70.0)],
+}
+
+
+@pytest.fixture
+def seeded_exp(tmp_path: Path) -> Path:
+    exp = tmp_path / "logs" / "pyra"
+    for task, per_seed in SEEDED.items():
+        for seed, (best, last, sel) in enumerate(per_seed):
+            write_seed_run(exp, task, seed, best, last, selected=sel, throughput=1000.0 + 10 * seed)
+    return exp
+
+
+def test_task_mean_std_n_over_seeds(seeded_exp: Path) -> None:
+    s = cr.summarize(seeded_exp)
+    assert s["seeds"] == [0, 1, 2] and s["unfinished"] == []
+    for task, per_seed in SEEDED.items():
+        entry = s["runs"][task]
+        for i, metric in enumerate(("best", "last", "selected")):
+            values = [v[i] for v in per_seed]
+            assert entry[metric]["n"] == 3
+            assert entry[metric]["mean"] == pytest.approx(sum(values) / 3)
+            assert entry[metric]["std"] == pytest.approx(_std(values))
+    assert s["runs"]["cifar"]["selected_acc1"] == pytest.approx((78.0 + 79.5 + 80.0) / 3)
+
+
+def test_group_mean_std_over_seeds(seeded_exp: Path) -> None:
+    s = cr.summarize(seeded_exp)
+    groups = {"Natural": ["cifar", "dtd"], "Specialized": ["eurosat"], "Structured": ["kitti"]}
+    for i, metric in enumerate(("best", "last", "selected")):
+        per_seed = {g: [sum(SEEDED[t][k][i] for t in ts) / len(ts) for k in range(3)] for g, ts in groups.items()}
+        for g in groups:
+            assert s[metric][g]["value"] == pytest.approx(sum(per_seed[g]) / 3)
+            assert s[metric][g]["std"] == pytest.approx(_std(per_seed[g])) and s[metric][g]["n_seeds"] == 3
+        average = [sum(per_seed[g][k] for g in groups) / 3 for k in range(3)]
+        assert s[metric]["Average"]["value"] == pytest.approx(sum(average) / 3)
+        assert s[metric]["Average"]["std"] == pytest.approx(_std(average))
+        all_tasks = [sum(SEEDED[t][k][i] for t in SEEDED) / 4 for k in range(3)]
+        assert s[metric]["All"]["value"] == pytest.approx(sum(all_tasks) / 3)
+        assert s[metric]["All"]["std"] == pytest.approx(_std(all_tasks))
+    # Throughput error bar: std over seeds of the per-seed mean throughput.
+    assert s["throughput"] == pytest.approx(1010.0) and s["throughput_std"] == pytest.approx(_std([1000, 1010, 1020]))
+
+
+def test_group_std_uses_seeds_every_task_has(tmp_path: Path) -> None:
+    exp = tmp_path / "e"
+    write_seed_run(exp, "cifar", 0, 80.0, 80.0)
+    write_seed_run(exp, "cifar", 1, 84.0, 84.0)
+    write_seed_run(exp, "cifar", 2, 90.0, 90.0)
+    write_seed_run(exp, "dtd", 0, 60.0, 60.0)
+    write_seed_run(exp, "dtd", 1, 50.0, 50.0)
+    s = cr.summarize(exp)
+    nat = s["best"]["Natural"]
+    assert nat["value"] == pytest.approx(((80 + 84 + 90) / 3 + (60 + 50) / 2) / 2)   # mean of the task means
+    assert nat["n_seeds"] == 2 and nat["per_seed"] == {0: 70.0, 1: 67.0}
+    assert nat["std"] == pytest.approx(_std([70.0, 67.0]))
+
+
+def test_markdown_shows_three_accuracies_side_by_side(seeded_exp: Path) -> None:
+    md = cr.collect([seeded_exp], plots=False, names=["P"])["markdown"]
+    assert "## Validation-selected test top-1" in md
+    values = [v[0] for v in SEEDED["cifar"]]
+    best = f"{sum(values) / 3:.2f} ± {_std(values):.2f} (n=3)"
+    row = next(line for line in md.splitlines() if line.startswith("| Cifar100 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    sel = [v[2] for v in SEEDED["cifar"]]
+    last = [v[1] for v in SEEDED["cifar"]]
+    assert cells == ["Cifar100", best, f"{sum(last) / 3:.2f} ± {_std(last):.2f} (n=3)",
+                     f"{sum(sel) / 3:.2f} ± {_std(sel):.2f} (n=3)", "0 1 2"]
+    assert "sample standard deviation" in md
+
+
+def test_finished_when_log_reaches_last_epoch_without_final_json(tmp_path: Path) -> None:
+    exp = tmp_path / "e"
+    write_seed_run(exp, "dtd", 0, 60.0, 62.0, final=False)                 # logged epoch 9 of 10: finished
+    write_seed_run(exp, "dtd", 1, 50.0, 52.0, final=False, logged_to=5)    # epoch 5 of 10: unfinished
+    write_seed_run(exp, "kitti", 0, 70.0, 71.0, final=False, logged_to=5)
+    s = cr.summarize(exp)
+    assert cr.load_run(exp / "dtd" / "seed0")["status"] == "finished"
+    assert cr.load_run(exp / "dtd" / "seed1")["status"] == "unfinished"
+    assert s["runs"]["dtd"]["best"]["n"] == 1 and s["runs"]["dtd"]["best_acc1"] == 62.0
+    assert s["unfinished_runs"] == [("dtd", 1), ("kitti", 0)]
+    assert s["best"]["Structured"]["value"] is None                      # unfinished: left out of the means
+    md = cr.render_markdown([s])
+    assert "dtd seed 1 unfinished (6/10 epochs logged)" in md and "kitti unfinished (6/10 epochs logged)" in md
+
+
+def test_compare_flags_differences_within_seed_noise(tmp_path: Path) -> None:
+    from scipy import stats
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    data = {  # task: (A per seed, B per seed)
+        "cifar": ([80.0, 81.0, 82.0], [80.5, 82.5, 81.0]),      # overlapping: within noise
+        "dtd": ([60.0, 60.5, 61.0], [66.0, 66.5, 67.5]),        # clearly better
+        "kitti": ([70.0], [72.0]),                              # one seed each: noise unknown
+    }
+    for task, (va, vb) in data.items():
+        for seed, v in enumerate(va):
+            write_seed_run(a, task, seed, v, v)
+        for seed, v in enumerate(vb):
+            write_seed_run(b, task, seed, v, v)
+    result = cr.collect([], out=tmp_path / "r", plots=False, compare_pair=[a, b])
+    rows = {r["key"]: r for r in result["compare"]["best"]}
+    for task in ("cifar", "dtd"):
+        va, vb = data[task]
+        expected = stats.ttest_ind(vb, va, equal_var=False)
+        assert rows[task]["diff"] == pytest.approx(sum(vb) / 3 - sum(va) / 3)
+        assert rows[task]["p"] == pytest.approx(expected.pvalue)
+        assert rows[task]["t"] == pytest.approx(expected.statistic)
+    assert rows["cifar"]["p"] >= 0.05 and rows["cifar"]["verdict"] == "within seed noise"
+    assert rows["dtd"]["p"] < 0.05
+    assert rows["dtd"]["verdict"] == f"{result['summaries'][1]['name']} > {result['summaries'][0]['name']}"
+    assert rows["kitti"]["p"] is None and rows["kitti"]["verdict"] == "noise unknown (n < 2)"
+    assert rows["kitti"]["diff"] == pytest.approx(2.0)
+    # Natural per seed: cifar and dtd have seeds 0-2 on both sides.
+    nat_a = [(data["cifar"][0][k] + data["dtd"][0][k]) / 2 for k in range(3)]
+    nat_b = [(data["cifar"][1][k] + data["dtd"][1][k]) / 2 for k in range(3)]
+    assert rows["Natural"]["p"] == pytest.approx(stats.ttest_ind(nat_b, nat_a, equal_var=False).pvalue)
+    compare_md = (tmp_path / "r" / "compare.md").read_text()
+    assert "Welch's t-test" in compare_md and "p < 0.05" in compare_md
+    assert "within seed noise" in result["markdown"]
+    with open(tmp_path / "r" / "compare.csv") as f:
+        assert {r["key"] for r in csv.DictReader(f)} >= {"cifar", "dtd", "kitti", "Natural", "Average"}
+
+
+def test_welch_edge_cases() -> None:
+    assert cr.welch([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
+    assert cr.welch([1.0, 1.0], [2.0, 2.0])["p"] == 0.0
+    assert cr.welch([1.0], [2.0, 3.0])["p"] is None
+
+
+OFFICIAL_ARGS = {  # a subset of the official train.py's argparse namespace, as yaml.safe_dump writes it
+    "batch_size": 32, "cfg": "experiments/LoRA/ViT-B_prompt_lora_8.yaml", "data_path": "./data/vtab-1k/cifar100",
+    "direct_resize": True, "epochs": 100, "lr": 0.001, "merging_schedule": "high", "no_aug": True,
+    "output_dir": "outputs/x", "pyra": True, "pyra_lr": 0.0001, "seed": 0, "token_merging": True,
+    "val_interval": 10, "weight_decay": 0.0001,
+}
+
+
+def write_official(stamp_dir: Path, dataset: str, accs: list[float], seed: int = 0, epochs: int = 100) -> Path:
+    """<stamp>/<dataset>_lr-0.001_wd-0.0001/ with the official log.txt and config.yaml."""
+    import yaml
+
+    d = stamp_dir / f"{dataset}_lr-0.001_wd-0.0001"
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({**OFFICIAL_ARGS, "data_set": dataset, "seed": seed,
+                                                   "epochs": epochs, "data_path": f"./data/vtab-1k/{dataset}"},
+                                                  default_flow_style=False))
+    epochs_logged = [e for e in range(epochs) if e % 10 == 0 or e == epochs - 1][:len(accs)]
+    with open(d / "log.txt", "w") as f:
+        for epoch, acc in zip(epochs_logged, accs):
+            f.write(json.dumps({"train_lr": 1e-3, "train_loss": 0.5, "test_loss": 0.7, "test_acc1": acc,
+                                "test_acc5": 99.0, "epoch": epoch, "n_parameters": 296_548}) + "\n")
+    return d
+
+
+def test_official_output_tree(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    s0 = outputs / "20240301_101010_ViT-B_prompt_lora_8_compress_high_PYRA_LR_0.0001"
+    s1 = outputs / "20240302_101010_ViT-B_prompt_lora_8_compress_high_PYRA_LR_0.0001"
+    full = [50.0 + i for i in range(11)]                       # epochs 0, 10, ..., 90, 99: finished
+    write_official(s0, "cifar100", full)
+    write_official(s0, "oxford_pet", [80.0, 85.0, 84.0])       # epochs 0, 10, 20: unfinished
+    write_official(s0, "clevr_count", [30.0] * 10 + [40.0])
+    write_official(s1, "cifar100", [52.0 + i for i in range(11)], seed=1)
+
+    run = cr.load_run(s0 / "cifar100_lr-0.001_wd-0.0001")
+    assert (run["task"], run["seed"], run["kind"], run["status"]) == ("cifar", 0, "official", "finished")
+    assert run["best_acc1"] == 60.0 and run["last_acc1"] == 60.0 and run["epochs_total"] == 100
+    assert run["n_parameters"] == 296_548 and run["throughput"] is None
+    pets = cr.load_run(s0 / "oxford_pet_lr-0.001_wd-0.0001")
+    assert pets["task"] == "oxford_iiit_pet" and pets["status"] == "unfinished" and pets["epochs_done"] == 21
+
+    s = cr.summarize(s0)
+    assert set(s["runs"]) == {"cifar", "oxford_iiit_pet", "clevr_count"}
+    assert s["unfinished"] == ["oxford_iiit_pet"]
+    assert s["best"]["Natural"]["value"] == 60.0 and s["best"]["Structured"]["value"] == 40.0
+
+    both = cr.summarize(f"{s0},{s1}", name="official")            # two seeds in two output folders
+    cifar = both["runs"]["cifar"]
+    assert cifar["seeds"] == [0, 1] and cifar["best"]["n"] == 2
+    assert cifar["best_acc1"] == pytest.approx((60.0 + 62.0) / 2)
+    assert cifar["best_acc1_std"] == pytest.approx(_std([60.0, 62.0]))
+    md = cr.collect([f"{s0},{s1}"], out=tmp_path / "r", names=["official"], plots=True)["markdown"]
+    assert "61.00 ± 1.41 (n=2)" in md and "oxford_iiit_pet unfinished (21/100 epochs logged)" in md
+
+
+def test_plot_has_error_bars_over_seeds(seeded_exp: Path, tmp_path: Path) -> None:
+    s = cr.summarize(seeded_exp)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    real = plt.Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        captured.update(x=x, y=y, yerr=kwargs.get("yerr"), xerr=kwargs.get("xerr"))
+        return real(self, x, y, *args, **kwargs)
+
+    plt.Axes.errorbar = spy
+    try:
+        path = cr.plot_accuracy_vs_throughput([s], tmp_path / "t.png")
+    finally:
+        plt.Axes.errorbar = real
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert captured["y"] == [pytest.approx(s["best"]["Average"]["value"])]
+    assert captured["yerr"] == [pytest.approx(s["best"]["Average"]["std"])]
+    assert captured["xerr"] == [pytest.approx(_std([1000, 1010, 1020]))]
