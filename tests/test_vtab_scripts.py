@@ -31,6 +31,14 @@ with open(os.environ["FAKE_LOG"], "a") as f:
                         "cvd": os.environ.get("CUDA_VISIBLE_DEVICES")}}) + "\\n")
 if task in os.environ.get("FAKE_FAIL", "").split():
     sys.exit(1)
+if os.environ.get("FAKE_SLEEP"):  # a long run that, like train.py, checkpoints and exits 0 on SIGTERM
+    import signal, time
+    def stop(signum, frame):
+        with open(os.environ["FAKE_LOG"], "a") as f:
+            f.write(json.dumps({{"signal": signum, "task": task}}) + "\\n")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
 if task not in os.environ.get("FAKE_UNFINISHED", "").split():  # as train.py: final.json when done
     value = lambda key, default: ([a.split("=", 1)[1] for a in args if a.startswith(key + "=")] or [default])[-1]
     config = args[args.index("--config") + 1]
@@ -71,45 +79,46 @@ def calls(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_vtab_sh_runs_train_py_from_the_repo_with_resume_auto(fake, config: Path) -> None:
+def test_vtab_sh_runs_train_py_from_the_repo_with_resume_auto(fake, config: Path, tmp_path: Path) -> None:
     env, log = fake
-    proc = run(VTAB, ["dtd", str(config), "train.epochs=2", "output_dir=/tmp/x"], env)
+    proc = run(VTAB, ["dtd", str(config), "train.epochs=2", f"output_dir={tmp_path / 'x'}"], env)
     assert proc.returncode == 0, proc.stderr
     (call,) = calls(log)
     assert call["cwd"] == str(ROOT)
     assert call["args"] == ["train.py", "--config", str(config), "--resume", "auto", "train.epochs=2",
-                            "output_dir=/tmp/x", "data.task=dtd"]
+                            f"output_dir={tmp_path / 'x'}", "data.task=dtd"]
     assert call["cvd"] is None
 
 
-def test_vtab_sh_flags_gpu_and_config_shorthand(fake) -> None:
+def test_vtab_sh_flags_gpu_and_config_shorthand(fake, tmp_path: Path) -> None:
     env, log = fake
-    assert run(VTAB, ["kitti", "demo/digits", "--overwrite", "seed=1"], env, GPU="3").returncode == 0
-    assert run(VTAB, ["kitti", "configs/demo/digits.yaml", "--resume", "/ck/last.pth"], env, GPU="3",
+    out = f"output_dir={tmp_path}"   # the stand-in writes final.json there, as train.py would
+    assert run(VTAB, ["kitti", "demo/digits", "--overwrite", "seed=1", out], env, GPU="3").returncode == 0
+    assert run(VTAB, ["kitti", "configs/demo/digits.yaml", "--resume", "/ck/last.pth", out], env, GPU="3",
                CUDA_VISIBLE_DEVICES="1").returncode == 0
     first, second = calls(log)
     digits = str(ROOT / "configs" / "demo" / "digits.yaml")
-    assert first["args"] == ["train.py", "--config", digits, "--overwrite", "seed=1", "data.task=kitti"]
+    assert first["args"] == ["train.py", "--config", digits, "--overwrite", "seed=1", out, "data.task=kitti"]
     assert first["cvd"] == "3"
-    assert second["args"] == ["train.py", "--config", digits, "--resume", "/ck/last.pth", "data.task=kitti"]
+    assert second["args"] == ["train.py", "--config", digits, "--resume", "/ck/last.pth", out, "data.task=kitti"]
     assert second["cvd"] == "1"  # an explicit CUDA_VISIBLE_DEVICES wins over GPU
 
 
-def test_vtab_sh_multi_gpu_uses_torchrun(fake, config: Path) -> None:
+def test_vtab_sh_multi_gpu_uses_torchrun(fake, config: Path, tmp_path: Path) -> None:
     env, log = fake
-    assert run(VTAB, ["svhn", str(config)], env, NPROC="2").returncode == 0
+    assert run(VTAB, ["svhn", str(config), f"output_dir={tmp_path}"], env, NPROC="2").returncode == 0
     (call,) = calls(log)
     assert call["args"][:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
 
 
-def test_vtab_sh_rejects_bad_usage(fake, config: Path) -> None:
+def test_vtab_sh_rejects_bad_usage(fake, config: Path, tmp_path: Path) -> None:
     env, log = fake
     assert run(VTAB, ["dtd"], env).returncode == 2
     assert run(VTAB, ["dtd", "no/such/config.yaml"], env).returncode == 2
     assert run(VTAB, ["dtd", str(config), "data.task=kitti"], env).returncode == 2
     assert run(VTAB, ["dtd", str(config)], env, NPROC="x").returncode == 2
     assert calls(log) == []
-    failing = run(VTAB, ["dtd", str(config)], env, FAKE_FAIL="dtd")
+    failing = run(VTAB, ["dtd", str(config), f"output_dir={tmp_path}"], env, FAKE_FAIL="dtd")
     assert failing.returncode == 1
 
 
@@ -161,6 +170,114 @@ def test_vtab_all_bad_config_fails_once(fake, config: Path) -> None:
     assert run(VTAB_ALL, [str(config), "data.task=dtd"], env).returncode == 2
     assert run(VTAB_ALL, [], env).returncode == 2
     assert calls(log) == []
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+def _seed_of(call: dict) -> str | None:
+    return ([a.split("=", 1)[1] for a in call["args"] if a.startswith("seed=")] or [None])[-1]
+
+
+def test_vtab_sh_seeds_one_folder_each_finished_ones_skipped(fake, config: Path, tmp_path: Path) -> None:
+    env, log = fake
+    out = tmp_path / "out"
+    (out / "tiny" / "dtd" / "seed1").mkdir(parents=True)
+    (out / "tiny" / "dtd" / "seed1" / "final.json").write_text('{"finished": true}')
+    proc = run(VTAB, ["dtd", str(config), f"output_dir={out}"], env, SEEDS="0 1 2")
+    assert proc.returncode == 0, proc.stderr
+    made = calls(log)
+    assert [_seed_of(c) for c in made] == ["0", "2"] and "skip dtd seed 1" in proc.stderr
+    assert made[0]["args"] == ["train.py", "--config", str(config), "--resume", "auto", f"output_dir={out}",
+                               "seed=0", "data.task=dtd"]
+    assert all((out / "tiny" / "dtd" / f"seed{k}" / "final.json").is_file() for k in (0, 1, 2))
+    # Everything finished: nothing runs, success.
+    log.unlink()
+    again = run(VTAB, ["dtd", str(config), f"output_dir={out}"], env, SEEDS="0 1 2")
+    assert again.returncode == 0 and calls(log) == []
+    # Without SEEDS: the config's seed (0), no seed= added; finished -> skipped.
+    assert run(VTAB, ["dtd", str(config), f"output_dir={out}"], env).returncode == 0 and calls(log) == []
+    # A failing seed does not stop the others; the exit code says so.
+    proc = run(VTAB, ["kitti", str(config), f"output_dir={out}"], env, SEEDS="3 4", FAKE_FAIL="kitti")
+    assert proc.returncode == 1 and [_seed_of(c) for c in calls(log)] == ["3", "4"]
+    assert "seeds not finished: 3 4" in proc.stderr
+
+
+def test_vtab_sh_several_seeds_pass_sigterm_on_and_stop(fake, config: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    env, log = fake
+    proc = subprocess.Popen(["bash", str(VTAB), "dtd", str(config), f"output_dir={tmp_path}"],
+                            env={**env, "SEEDS": "0 1", "FAKE_SLEEP": "60"}, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and not calls(log):
+        time.sleep(0.05)
+    time.sleep(0.5)                                   # the stand-in installs its handler after logging
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    made = calls(log)
+    assert [_seed_of(c) for c in made if "args" in c] == ["0"]          # seed 1 never started
+    assert {"signal": signal.SIGTERM, "task": "dtd"} in made           # train.py got SIGTERM
+    assert "stopped by SIGTERM" in err
+
+
+def test_vtab_sh_seed_usage_errors(fake, config: Path) -> None:
+    env, log = fake
+    assert run(VTAB, ["dtd", str(config), "seed=1"], env, SEEDS="0 1").returncode == 2
+    assert run(VTAB, ["dtd", str(config)], env, SEEDS="0 x").returncode == 2
+    assert run(VTAB, ["dtd", str(config), "--resume", "/ck/last.pth"], env, SEEDS="0 1").returncode == 2
+    assert calls(log) == []
+
+
+def test_vtab_all_seeds_per_task_and_seed(fake, config: Path, tmp_path: Path) -> None:
+    env, log = fake
+    out = tmp_path / "out"
+    (out / "tiny" / "kitti" / "seed1").mkdir(parents=True)
+    (out / "tiny" / "kitti" / "seed1" / "final.json").write_text('{"finished": true}')
+    proc = run(VTAB_ALL, [str(config), f"output_dir={out}"], env, TASKS="dtd kitti", SEEDS="0 1",
+               FAKE_FAIL="dtd")
+    assert proc.returncode == 1
+    assert [(c["task"], _seed_of(c)) for c in calls(log)] == [("dtd", "0"), ("dtd", "1"), ("kitti", "0")]
+    assert "skip kitti/seed1" in proc.stderr and "failed tasks: dtd/seed0 dtd/seed1" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------- SLURM
+def test_vtab_all_slurm_array_elements_run_locally(fake, config: Path, tmp_path: Path) -> None:
+    env, log = fake
+    out = tmp_path / "out"
+    (out / "tiny" / "kitti" / "seed0").mkdir(parents=True)
+    (out / "tiny" / "kitti" / "seed0" / "final.json").write_text('{"finished": true}')
+    args = ["--slurm", "--sbatch=--time=1:00:00", str(config), f"output_dir={out}", "train.epochs=3"]
+    proc = run(VTAB_ALL, args, env, TASKS="dtd kitti", SEEDS="0 1")
+    assert proc.returncode == 0, proc.stderr
+    assert calls(log) == []                                        # --slurm trains nothing here
+    script = out / "tiny" / "slurm" / "vtab_all.sbatch"
+    text = script.read_text()
+    assert "#SBATCH --array=0-2" in text and "#SBATCH --time=1:00:00" in text and "#SBATCH --gres=gpu:1" in text
+    assert "skip kitti/seed0" in proc.stderr                       # finished: no element
+
+    for element in ("0", "2"):                                     # two elements, no SLURM here
+        done = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": element},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    made = calls(log)
+    assert [(c["task"], _seed_of(c)) for c in made] == [("dtd", "0"), ("kitti", "1")]
+    assert made[0]["args"] == ["train.py", "--config", str(config), "--resume", "auto", f"output_dir={out}",
+                               "train.epochs=3", "seed=0", "data.task=dtd"]
+    assert made[0]["cwd"] == str(ROOT)
+    # Re-running a finished element is harmless (skipped); a missing index is an error.
+    again = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": "0"}, capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 0 and "skip dtd seed 0" in again.stderr and len(calls(log)) == 2
+    assert subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": "7"},
+                          capture_output=True, text=True).returncode == 2
+    # Regenerated, the array holds only what is left; --submit without sbatch fails after writing it.
+    proc = run(VTAB_ALL, args + ["--submit"], env, TASKS="dtd kitti", SEEDS="0 1",
+               PATH="/usr/bin:/bin")
+    assert proc.returncode == 1 and "sbatch not found" in proc.stderr
+    assert "#SBATCH --array=0-0" in script.read_text() and "dtd 0" not in script.read_text()
+    assert run(VTAB_ALL, [str(config), "--submit"], env).returncode == 2
+    assert run(VTAB_ALL, [str(config), "--slurm", "--overwrite"], env).returncode == 2
 
 
 # ------------------------------------------------------------------------------------------ end to end
