@@ -80,13 +80,14 @@ finished_file() {
     done
 }
 
-# check_seeds SCRIPT "SEEDS": fail (exit code 2) unless SEEDS is a list of non-negative integers.
+# check_seeds SCRIPT "SEEDS": fail (exit code 2) unless SEEDS is a list of distinct non-negative integers.
 check_seeds() {
-    local seed
+    local seed seen=" "
     for seed in $2; do
-        if ! [[ "$seed" =~ ^[0-9]+$ ]]; then
-            echo "$1: SEEDS must be non-negative integers separated by spaces, got '$2'" >&2
+        if ! [[ "$seed" =~ ^(0|[1-9][0-9]*)$ ]] || [[ "$seen" == *" $seed "* ]]; then
+            echo "$1: SEEDS must be distinct non-negative integers (no leading zeros) separated by spaces, got '$2'" >&2
             return 2
         fi
+        seen+="$seed "
     done
 }

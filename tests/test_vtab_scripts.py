@@ -225,6 +225,9 @@ def test_vtab_sh_seed_usage_errors(fake, config: Path) -> None:
     env, log = fake
     assert run(VTAB, ["dtd", str(config), "seed=1"], env, SEEDS="0 1").returncode == 2
     assert run(VTAB, ["dtd", str(config)], env, SEEDS="0 x").returncode == 2
+    assert run(VTAB, ["dtd", str(config)], env, SEEDS="1 2 1").returncode == 2
+    assert run(VTAB, ["dtd", str(config)], env, SEEDS="01").returncode == 2
+    assert run(VTAB_ALL, [str(config)], env, SEEDS="-1").returncode == 2
     assert run(VTAB, ["dtd", str(config), "--resume", "/ck/last.pth"], env, SEEDS="0 1").returncode == 2
     assert calls(log) == []
 
