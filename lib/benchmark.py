@@ -15,18 +15,19 @@ import re
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["count_flops", "sdpa_flop_jit", "baddbmm_flop_jit", "measure_throughput", "tokens_per_layer", "time_fn",
+__all__ = ["count_flops", "sdpa_flop_jit", "measure_throughput", "tokens_per_layer", "time_fn",
            "autocast_ctx", "efficiency", "matmul_peak", "make_train_step", "measure_train_step", "peak_memory_mb",
            "device_name", "tune_cpu_allocator", "profile_table", "flops_by_block", "time_blocks"]
 
 
-def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     """fvcore handle for ``aten::scaled_dot_product_attention``: q·kᵀ and attn·v, as two matmuls count."""
     from fvcore.nn.jit_handles import get_shape
 
@@ -36,28 +37,19 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return batch_heads * n * s * (d + dv)
 
 
-def baddbmm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """fvcore handle for ``aten::baddbmm``: the batched product only (the added term is free, as in addmm)."""
-    from fvcore.nn.jit_handles import get_shape
-
-    batch, m, k = get_shape(inputs[1])
-    return batch * m * k * get_shape(inputs[2])[-1]
-
-
-def count_flops(model: nn.Module, img_size: int = 224, device: Optional[torch.device] = None) -> int:
+def count_flops(model: nn.Module, img_size: int = 224, device: torch.device | None = None) -> int:
     """fvcore's total (multiply-adds) for one image, in eval mode, with fused attention counted."""
     return _flop_counts(model, img_size, device)[0]
 
 
-def flops_by_block(model: nn.Module, img_size: int = 224, device: Optional[torch.device] = None) -> List[int]:
+def flops_by_block(model: nn.Module, img_size: int = 224, device: torch.device | None = None) -> list[int]:
     """fvcore's multiply-adds of each transformer block for one image (the conventions of ``count_flops``)."""
     by_module = _flop_counts(model, img_size, device)[1]
     return [int(by_module.get(f"blocks.{i}", 0)) for i in range(len(model.blocks))]
 
 
-def _flop_counts(model: nn.Module, img_size: int, device: Optional[torch.device]) -> Tuple[int, Dict[str, int]]:
+def _flop_counts(model: nn.Module, img_size: int, device: torch.device | None) -> tuple[int, dict[str, int]]:
     from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import addmm_flop_jit
 
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -68,8 +60,6 @@ def _flop_counts(model: nn.Module, img_size: int, device: Optional[torch.device]
             warnings.simplefilter("ignore")  # tracer and torch.jit deprecation chatter
             analysis = FlopCountAnalysis(model, x)
             analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
-            analysis.set_op_handle("aten::addmm_", addmm_flop_jit)  # LoRA's update, accumulated in place
-            analysis.set_op_handle("aten::baddbmm", baddbmm_flop_jit)  # models.peft.linear's split GEMM
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
             return int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()}
@@ -78,12 +68,12 @@ def _flop_counts(model: nn.Module, img_size: int, device: Optional[torch.device]
 
 
 @torch.no_grad()
-def time_blocks(model: nn.Module, batch_size: int, img_size: int = 224, device: Optional[torch.device] = None,
-                precision: str = "fp32", runs: int = 3) -> List[float]:
+def time_blocks(model: nn.Module, batch_size: int, img_size: int = 224, device: torch.device | None = None,
+                precision: str = "fp32", runs: int = 3) -> list[float]:
     """Median seconds of each transformer block over ``runs`` eval forwards (hooks; synchronised on CUDA)."""
     device = device or next(model.parameters()).device
-    times: List[List[float]] = [[] for _ in model.blocks]
-    starts: List[float] = [0.0]
+    times: list[list[float]] = [[] for _ in model.blocks]
+    starts: list[float] = [0.0]
 
     def before(module: nn.Module, args: Any) -> None:
         _sync(device)
@@ -128,12 +118,12 @@ def _sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, runs: int = 5,
-            min_seconds: float = 0.0) -> List[float]:
+            min_seconds: float = 0.0) -> list[float]:
     """Seconds per call of ``fn`` for ``runs`` timed calls after ``warmup`` (synchronised on CUDA)."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times: List[float] = []
+    times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < runs or time.perf_counter() - start_all < min_seconds:
         start = time.perf_counter()
@@ -144,9 +134,9 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, runs: 
 
 
 @torch.no_grad()
-def measure_throughput(model: nn.Module, batch_size: int, img_size: int = 224, device: Optional[torch.device] = None,
+def measure_throughput(model: nn.Module, batch_size: int, img_size: int = 224, device: torch.device | None = None,
                        precision: str = "fp32", warmup: int = 2, runs: int = 5,
-                       min_seconds: float = 0.0) -> Dict[str, float]:
+                       min_seconds: float = 0.0) -> dict[str, float]:
     """Eval-mode images/second on random input: the median of timed batches, at the batch actually used."""
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -162,10 +152,10 @@ def measure_throughput(model: nn.Module, batch_size: int, img_size: int = 224, d
 
 
 @torch.no_grad()
-def tokens_per_layer(model: nn.Module, img_size: int = 224) -> List[int]:
+def tokens_per_layer(model: nn.Module, img_size: int = 224) -> list[int]:
     """Token count entering each block, and after the last one (the merge schedule actually realised)."""
     device = next(model.parameters()).device
-    counts: List[int] = []
+    counts: list[int] = []
     hooks = [b.register_forward_pre_hook(lambda m, args: counts.append(args[0].shape[1])) for b in model.blocks]
     hooks.append(model.norm.register_forward_pre_hook(lambda m, args: counts.append(args[0].shape[1])))
     was_training = model.training
@@ -189,7 +179,7 @@ def efficiency(flops: float, images_per_s: float, peak_flops: float) -> float:
     return 2.0 * flops * images_per_s / peak_flops
 
 
-def matmul_peak(device: torch.device, size: Optional[int] = None, dtype: torch.dtype = torch.float32,
+def matmul_peak(device: torch.device, size: int | None = None, dtype: torch.dtype = torch.float32,
                 warmup: int = 2, runs: int = 5) -> float:
     """FLOP/s (2·n³ per product) of a large square GEMM: the practical peak the model is compared with.
 
@@ -206,7 +196,7 @@ def matmul_peak(device: torch.device, size: Optional[int] = None, dtype: torch.d
 
 
 def make_train_step(model: nn.Module, batch_size: int, num_classes: int, img_size: int = 224,
-                    device: Optional[torch.device] = None, precision: str = "fp32",
+                    device: torch.device | None = None, precision: str = "fp32",
                     lr: float = 1e-3) -> Callable[[], None]:
     """One optimizer step on a fixed random batch: forward, cross-entropy, backward, AdamW (train mode).
 
@@ -231,7 +221,7 @@ def make_train_step(model: nn.Module, batch_size: int, num_classes: int, img_siz
 
 
 def measure_train_step(step: Callable[[], None], device: torch.device, warmup: int = 1,
-                       runs: int = 3) -> List[float]:
+                       runs: int = 3) -> list[float]:
     """Seconds per training step (see ``make_train_step``), synchronised on CUDA."""
     return time_fn(step, device, warmup=warmup, runs=runs)
 
@@ -244,7 +234,7 @@ def _proc_status_kb(field: str) -> int:
     return int(match.group(1))
 
 
-def _libc() -> Optional[ctypes.CDLL]:
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name) if name else None

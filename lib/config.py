@@ -83,7 +83,6 @@ DEFAULTS: dict[str, Any] = {
         "precision": "fp32",
         "drop_last": False,
         "device": "auto",
-        "fold_lora_eval": False,
     },
     "report": {
         "benchmark_batch": 64,

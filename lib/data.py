@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any
 
 import torch
 from PIL import Image
@@ -27,7 +28,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
@@ -51,7 +52,7 @@ def resolve_task_dir(root: PathLike, task: str) -> Path:
     raise DataError(f"task folder for {task!r} not found{hint}; tried: {tried}. Expected layout: {EXPECTED_LAYOUT}")
 
 
-def task_num_classes(task: str, root: Optional[PathLike] = None) -> Optional[int]:
+def task_num_classes(task: str, root: PathLike | None = None) -> int | None:
     """Class count of a VTAB task; for a custom task the line count of ``<task>/classes.txt``, else None."""
     canon = canonical_task(task)
     if canon in VTAB_TASKS:
@@ -63,7 +64,7 @@ def task_num_classes(task: str, root: Optional[PathLike] = None) -> Optional[int
     return None
 
 
-def _read_classes(root: PathLike, task: str) -> Optional[List[str]]:
+def _read_classes(root: PathLike, task: str) -> list[str] | None:
     for path in task_dir_candidates(root, task):
         names = path / "classes.txt"
         if names.is_file():
@@ -71,12 +72,12 @@ def _read_classes(root: PathLike, task: str) -> Optional[List[str]]:
     return None
 
 
-def _read_list(path: PathLike) -> List[Tuple[int, str, int]]:
+def _read_list(path: PathLike) -> list[tuple[int, str, int]]:
     """(line number, relative path, label) for every non-blank line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"list file not found: {path}. Expected layout: {EXPECTED_LAYOUT}")
-    entries: List[Tuple[int, str, int]] = []
+    entries: list[tuple[int, str, int]] = []
     with open(path, encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
@@ -89,12 +90,12 @@ def _read_list(path: PathLike) -> List[Tuple[int, str, int]]:
     return entries
 
 
-def read_list_file(path: PathLike) -> List[Tuple[str, int]]:
+def read_list_file(path: PathLike) -> list[tuple[str, int]]:
     """``<relative path> <int label>`` per line; blank lines ignored; a bad line raises with file:line."""
     return [(rel, label) for _, rel, label in _read_list(path)]
 
 
-def _check_image(path: str) -> Optional[str]:
+def _check_image(path: str) -> str | None:
     """None when PIL can verify and decode the file, else the reason."""
     if not os.path.isfile(path):
         return "missing"
@@ -108,7 +109,7 @@ def _check_image(path: str) -> Optional[str]:
     return None
 
 
-def _summarise(items: List[str]) -> str:
+def _summarise(items: list[str]) -> str:
     shown = "; ".join(items[:_MAX_NAMED])
     more = f"; ... and {len(items) - _MAX_NAMED} more" if len(items) > _MAX_NAMED else ""
     return shown + more
@@ -123,8 +124,8 @@ class ImageListDataset(torch.utils.data.Dataset):
     here and corrupt ones when loaded.
     """
 
-    def __init__(self, root: PathLike, task: str, split: str, transform: Optional[Callable] = None,
-                 num_classes: Optional[int] = None, skip_bad_images: bool = False) -> None:
+    def __init__(self, root: PathLike, task: str, split: str, transform: Callable | None = None,
+                 num_classes: int | None = None, skip_bad_images: bool = False) -> None:
         self.root = Path(root)
         self.task = task
         self.split = split
@@ -160,10 +161,10 @@ class ImageListDataset(torch.utils.data.Dataset):
             if missing:
                 raise DataError(f"{len(missing)} image file(s) listed in {self.list_path} do not exist: "
                                 f"{_summarise(missing)}")
-        self.samples: List[Tuple[str, int]] = [(p, label) for _, p, label in samples]
-        self.targets: List[int] = [label for _, label in self.samples]
+        self.samples: list[tuple[str, int]] = [(p, label) for _, p, label in samples]
+        self.targets: list[int] = [label for _, label in self.samples]
 
-    def _drop_bad_images(self, samples: List[Tuple[int, str, int]]) -> List[Tuple[int, str, int]]:
+    def _drop_bad_images(self, samples: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
         """Decode every listed image once; drop entries whose file is missing or unreadable and log how many."""
         paths = sorted({p for _, p, _ in samples})
         with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
@@ -191,7 +192,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         except Exception as err:  # report any decoder failure with the file name
             raise DataError(f"cannot read image {path} (listed in {self.list_path}): {err}") from err
 
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         image = self.load_image(index)
         if self.transform is not None:
             image = self.transform(image)

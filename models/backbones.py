@@ -1,4 +1,4 @@
-"""The backbones PYRA adapts, their default PEFT width and their merging schedules (facts §3-4).
+"""The backbones PYRA adapts, their default PEFT width and their merging schedules (see docs/method.md).
 
 One table, so that model creation, config validation and the VTAB configs agree on names,
 depths and the per-layer ``r`` lists of the paper's "low" and "high" settings.
@@ -6,7 +6,7 @@ depths and the per-layer ``r`` lists of the paper's "low" and "high" settings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 __all__ = ["BackboneSpec", "BACKBONES", "SCHEDULES", "get_backbone", "named_schedule"]
 
@@ -22,12 +22,12 @@ class BackboneSpec:
     peft_dim: int             # LoRA rank / Adapter width used by the paper for this backbone
     schedule: str             # key into SCHEDULES
     checkpoint: str           # file name expected under weight/ (see weight/README.md)
-    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-# Schedules of the official code (facts §4). ViT-S reuses ViT-B's, DeiT-S reuses DeiT-B's and MAE the
+# Schedules of the official code. ViT-S reuses ViT-B's, DeiT-S reuses DeiT-B's and MAE the
 # ViT of its size, as the paper's code has none of its own for them.
-SCHEDULES: Dict[str, Dict[str, List[int]]] = {
+SCHEDULES: dict[str, dict[str, list[int]]] = {
     "vit_base": {
         "low": [16] * 11 + [10],
         "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3],
@@ -44,7 +44,7 @@ SCHEDULES: Dict[str, Dict[str, List[int]]] = {
 
 _MAE = {"global_pool": "avg"}
 
-BACKBONES: Dict[str, BackboneSpec] = {
+BACKBONES: dict[str, BackboneSpec] = {
     "vit_small_patch16_224_in21k": BackboneSpec(
         "vit_small_patch16_224", 12, 384, 6, 4, "vit_base", "ViT-S_16.npz"),
     "vit_base_patch16_224_in21k": BackboneSpec(
@@ -76,7 +76,7 @@ def get_backbone(name: str) -> BackboneSpec:
         raise ValueError(f"unknown backbone {name!r}; expected one of: {valid}") from None
 
 
-def named_schedule(schedule: str, backbone: str, depth: Optional[int] = None) -> List[int]:
+def named_schedule(schedule: str, backbone: str, depth: int | None = None) -> list[int]:
     """The per-layer r list of ``"low"``/``"high"`` for a backbone (or a custom "vit" of ``depth``)."""
     if backbone == "vit":
         family = _SCHEDULE_BY_DEPTH.get(depth)

@@ -6,11 +6,12 @@ that needs more is refused before any of its code can run.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ __all__ = ["CheckpointError", "LoadReport", "OWN_FORMAT", "read_checkpoint", "lo
 
 OWN_FORMAT = "pyra-checkpoint"  # value of the "format" key in checkpoints this project writes
 
-# Official PYRA (NOAH-based) parameter names -> this project's names (facts §3, issue "models").
+# Official PYRA (NOAH-based) parameter names -> this project's names.
 _OFFICIAL_RENAMES = [
     (re.compile(r"\.attn\.LoRA_a\."), ".attn.qkv.lora_down."),
     (re.compile(r"\.attn\.LoRA_b\."), ".attn.qkv.lora_up."),
@@ -46,12 +47,12 @@ class LoadReport:
     path: str
     kind: str                                   # "jax-npz", "pretrained", "official-pyra", "pyra"
     loaded: int = 0
-    missing: List[str] = field(default_factory=list)
-    unexpected: List[str] = field(default_factory=list)
-    dropped: List[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
 
     def summary(self, limit: int = 8) -> str:
-        def names(keys: List[str]) -> str:
+        def names(keys: list[str]) -> str:
             more = f", ... (+{len(keys) - limit})" if len(keys) > limit else ""
             return ", ".join(keys[:limit]) + more
         lines = [f"loaded {self.loaded} tensors from {self.path} ({self.kind})"]
@@ -61,7 +62,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_checkpoint(path: str) -> Dict[str, Any]:
+def read_checkpoint(path: str) -> dict[str, Any]:
     """Read a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file without executing anything in it."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -69,7 +70,9 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # The official PYRA code saves its argparse Namespace under "args": allow exactly that class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it needs arbitrary unpickling, which could run code hidden in the file "
@@ -79,7 +82,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
 
 
-def _unwrap(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+def _unwrap(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensor dict inside the common wrappers (``model``, ``state_dict``) and prefixes (DDP, MoCo)."""
     for key in ("model", "state_dict", "module"):
         if isinstance(ckpt.get(key), dict):
@@ -93,7 +96,7 @@ def _unwrap(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def _rename_official(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _rename_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         for pattern, repl in _OFFICIAL_RENAMES:
@@ -102,7 +105,7 @@ def _rename_official(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _adapt_pretrained(sd: Dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> Dict[str, torch.Tensor]:
+def _adapt_pretrained(sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> dict[str, torch.Tensor]:
     """Drop what a pretraining checkpoint has that the adapted model must not take (heads, MAE decoder)."""
     drop = sorted(k for k in sd if k.startswith(_HEAD_PREFIXES + ("decoder", "mask_token")))
     report.dropped += drop
@@ -176,7 +179,7 @@ def load_checkpoint(model: nn.Module, path: str, kind: str = "auto") -> LoadRepo
     return report
 
 
-def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what training changes (PEFT, PYRA, heads): what this project's checkpoints store."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in names}

@@ -1,10 +1,11 @@
 """Parameter-efficient modules as in NOAH (which the official PYRA code uses): LoRA on qkv and an Adapter.
 
-Only these modules, the classification head(s) and PYRA train; the backbone stays frozen (facts §3).
+Only these modules, the classification head(s) and PYRA train; the backbone stays frozen
+(NOAH, Zhang et al. 2022, as in the official PYRA code).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -12,47 +13,12 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 __all__ = [
-    "linear", "SplitLinear", "LoRALinear", "Adapter", "QuickGELU", "PEFT_TYPES", "PARAM_CATEGORIES",
+    "LoRALinear", "Adapter", "QuickGELU", "PEFT_TYPES", "PARAM_CATEGORIES",
     "add_lora", "add_adapters", "init_peft", "fold_lora", "param_category", "mark_trainable", "param_report",
 ]
 
 PEFT_TYPES = ("lora", "adapter", "none", "full")
 PARAM_CATEGORIES = ("backbone", "lora", "adapter", "pyra", "head")
-
-# ``linear`` splits CPU GEMMs of at most this many rows (batch × tokens) into one block of output features
-# per thread, each block at least this wide (measured on 2 AVX2 cores; 0 rows turns the split off).
-SPLIT_MAX_ROWS = 1000
-SPLIT_MIN_WIDTH = 256
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear``, but a short CPU GEMM runs as a batched GEMM over blocks of output features, one per thread.
-
-    After merging, late layers see few tokens (batch × tokens ≤ ~1000 rows). MKL threads such a GEMM
-    poorly (60-95% of the large-GEMM peak on 2 cores, lower the fewer the rows); a batched GEMM gives
-    every thread a full-height block of the weight instead (+2 to +12 points). Same result up to float
-    rounding, and fvcore counts the same multiply-adds (``lib.benchmark.count_flops``).
-    """
-    threads = torch.get_num_threads()
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features if in_features else 0
-    if (threads < 2 or not 0 < rows <= SPLIT_MAX_ROWS or out_features % threads
-            or out_features // threads < SPLIT_MIN_WIDTH or x.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32 or not weight.is_contiguous()
-            or torch.is_autocast_enabled("cpu")):
-        return F.linear(x, weight, bias)
-    blocks = weight.view(threads, out_features // threads, in_features).transpose(1, 2)
-    x3 = x.reshape(1, rows, in_features).expand(threads, rows, in_features)
-    y = torch.bmm(x3, blocks) if bias is None else torch.baddbmm(bias.view(threads, 1, -1), x3, blocks)
-    return y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
-
-
-class SplitLinear(nn.Linear):
-    """``nn.Linear`` computed by ``linear`` (short CPU GEMMs split per thread); same parameters and state."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
 
 class QuickGELU(nn.Module):
     """CLIP's GELU approximation ``x·σ(1.702x)``, used by the NOAH adapter."""
@@ -86,19 +52,12 @@ class LoRALinear(nn.Linear):
         return lora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight, self.bias)
-        z = self.lora_down(self.lora_dropout(x))
-        # ``out + lora_up(z)`` accumulated into ``out`` by the GEMM itself (β=1): bitwise the same sum,
-        # without a second output-sized tensor and pass. In place is safe: linear saves its input, not
-        # its output. fvcore counts it as addmm (``lib.benchmark.count_flops`` registers the handle).
-        up = self.lora_up.weight
-        out.view(-1, self.out_features).addmm_(z.reshape(-1, z.shape[-1]), up.t().to(out.dtype))
-        return out
+        return F.linear(x, self.weight, self.bias) + self.lora_up(self.lora_down(self.lora_dropout(x)))
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:
         """The equivalent plain layer for inference (dropout is the identity there): an ``nn.Linear``."""
-        folded = SplitLinear(self.in_features, self.out_features, bias=self.bias is not None,
+        folded = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                              device=self.weight.device, dtype=self.weight.dtype)
         folded.weight.copy_(self.weight + self.lora_up.weight @ self.lora_down.weight)
         if self.bias is not None:
@@ -200,7 +159,7 @@ def mark_trainable(model: nn.Module, peft: str) -> None:
         param.requires_grad_(peft == "full" or param_category(name) != "backbone")
 
 
-def param_report(model: nn.Module) -> Dict[str, Tuple[int, int]]:
+def param_report(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Parameter counts by category as ``{category: (total, trainable)}``, plus a ``total`` row."""
     report = {c: [0, 0] for c in PARAM_CATEGORIES}
     for name, param in model.named_parameters():

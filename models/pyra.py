@@ -1,7 +1,5 @@
-"""PYRA: parallel yielding re-activation of the tokens about to be merged (facts §2)."""
+"""PYRA: parallel yielding re-activation of the tokens about to be merged (paper Sec. 3; docs/method.md)."""
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -18,7 +16,7 @@ class PYRA(nn.Module):
     starts as the exact identity and the model as plain ToMe.
     """
 
-    def __init__(self, r: int, dim: int, layer: Optional[int] = None) -> None:
+    def __init__(self, r: int, dim: int, layer: int | None = None) -> None:
         super().__init__()
         if r <= 0 or dim <= 0:
             raise ValueError(f"PYRA needs r > 0 and dim > 0, got r={r}, dim={dim}")

@@ -1,41 +1,48 @@
-"""timm Vision Transformers with ToMe merging, PYRA and PEFT, patched in place (class swap, as ToMe does).
+"""timm Vision Transformers with ToMe merging, patched in place (class swap, as ToMe does), and the model builder.
 
-The patched classes change only what merging needs: attention takes the token sizes (proportional
-attention) and returns the mean key as the matching metric, blocks merge ``r`` tokens between attention
-and MLP, and the model threads ``(x, size, source)`` through its blocks. Everything else is timm's.
+``apply_patch`` changes only what merging needs: attention takes the token sizes (proportional
+attention) and returns the mean key as the matching metric, and blocks merge ``r`` tokens between
+attention and MLP, carrying ``(x, size, source)`` explicitly. timm's ``forward_features``,
+``forward_head``, ``forward_intermediates``, ``get_intermediate_layers``, ``reset_classifier`` and
+``set_grad_checkpointing`` keep working on the patched model (on merged tokens). PEFT
+(``models.peft``) and PYRA (``add_pyra``) are added by their own functions; ``create_model`` composes them.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple, Union
+import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .backbones import get_backbone, named_schedule
-from .peft import PEFT_TYPES, SplitLinear, add_adapters, add_lora, init_peft, mark_trainable
+from .peft import PEFT_TYPES, add_adapters, add_lora, init_peft, mark_trainable
 from .pyra import PYRA
-from .tome import bipartite_soft_matching, merge_source, merge_wavg, parse_r
+from .tome import Schedule, bipartite_soft_matching, clamp_schedule, merge_source, merge_wavg, parse_r
 
-__all__ = ["MergingAttention", "MergingBlock", "TokenMergingMixin", "apply_patch", "create_model",
+__all__ = ["MergingAttention", "MergingBlock", "TokenMergingMixin", "apply_patch", "add_pyra", "create_model",
            "resolve_schedule", "Merging"]
 
-Merging = Union[None, str, int, Tuple[int, float], Sequence[int]]
+Merging = None | str | Schedule
 
 
 class MergingAttention(Attention):
     """timm attention that adds ``log(size)`` to the logits of each key and also returns the mean key.
 
     The bias goes to ``scaled_dot_product_attention`` as an additive mask, so the fused kernel still
-    runs; ``fused_attn = False`` gives the explicit softmax, the reference for tests.
+    runs; ``fused_attn = False`` (timm's ``set_fused_attn(False)`` before building) gives the explicit
+    softmax, which is also what FLOP counters see in full.
     """
 
-    def forward(self, x: torch.Tensor, size: Optional[torch.Tensor] = None,
-                metric: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None,
+                metric: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention output and, if ``metric``, the keys averaged over heads (B×N×d) for the matching."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -56,50 +63,54 @@ class MergingAttention(Attention):
 
 
 class MergingBlock(Block):
-    """Pre-norm block: attention → merge ``r`` tokens (PYRA-re-activated if present) → MLP → adapter."""
+    """Pre-norm block: attention → merge ``r`` tokens (re-activated by ``pyra`` if set) → MLP (→ ``adapter``).
+
+    The merge state travels explicitly: ``block(x, size, source)`` returns the new ``(x, size,
+    source)``, so hooks, gradient checkpointing, ``torch.compile`` and ``torch.export`` see a pure
+    function. ``pyra`` and ``adapter`` are optional submodules that ``add_pyra`` /
+    ``models.peft.add_adapters`` attach; the adapter sits after drop-path, inside the residual (NOAH).
+    """
 
     r: int = 0
-    layer: int = 0
     prop_attn: bool = True
     trace_source: bool = False
     class_token: bool = True
     distill_token: bool = False
 
     def forward(
-            self,
-            x: torch.Tensor,
-            size: Optional[torch.Tensor] = None,
-            source: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+            self, x: torch.Tensor, size: torch.Tensor | None = None, source: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         x_attn, metric = self.attn(self.norm1(x), size if self.prop_attn else None, metric=self.r > 0)
         x = x + self.drop_path1(self.ls1(x_attn))
         if self.r > 0:
             merge, _ = bipartite_soft_matching(metric, self.r, self.class_token, self.distill_token)
             if self.trace_source:
                 source = merge_source(merge, x, source)
-            x, size = merge_wavg(merge, x, size, pyra=self.pyra)
-        x = x + self.adapter(self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
-        return x, size, source
+            x, size = merge_wavg(merge, x, size, pyra=getattr(self, "pyra", None))
+        h = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        adapter = getattr(self, "adapter", None)
+        return x + (h if adapter is None else adapter(h)), size, source
 
 
 class TokenMergingMixin:
-    """Methods a patched ViT gains: a settable ``r`` schedule and a forward that carries token sizes."""
-
-    backbone_name: str = "vit"
+    """What a patched ViT gains: a settable ``r`` schedule, the merge state through the blocks, and
+    timm's feature API on merged tokens (size-weighted average pooling, ``forward_intermediates``)."""
 
     @property
-    def r(self) -> List[int]:
+    def r(self) -> list[int]:
         """The per-layer number of tokens each block merges."""
         return [block.r for block in self.blocks]
 
     @r.setter
-    def r(self, value: Merging) -> None:
-        schedule = resolve_schedule(value, self.backbone_name, len(self.blocks))
-        has_pyra = any(block.pyra is not None for block in self.blocks)
-        for block, r in zip(self.blocks, schedule):
-            if has_pyra and r > 0 and block.pyra is None:
-                raise ValueError(f"layer {block.layer} would merge {r} tokens but has no PYRA module; "
+    def r(self, value: Schedule) -> None:
+        """An int, ``(r, inflection)`` or a per-layer list, as in ToMe (``models.resolve_schedule`` for names)."""
+        schedule = parse_r(len(self.blocks), value)
+        has_pyra = any_pyra(self)
+        for i, (block, r) in enumerate(zip(self.blocks, schedule)):
+            if has_pyra and r > 0 and getattr(block, "pyra", None) is None:
+                raise ValueError(f"layer {i} would merge {r} tokens but has no PYRA module; "
                                  f"rebuild the model with this merging schedule")
+        for block, r in zip(self.blocks, schedule):
             block.r = r
 
     @property
@@ -120,12 +131,12 @@ class TokenMergingMixin:
         for block in self.blocks:
             block.trace_source = bool(value)
 
-    def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Tokens after the final norm, their sizes (B×N×1, None if nothing merged) and the source map."""
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Tokens after the final norm, their sizes (B×N×1; None if nothing merged) and the source map."""
+        x = self._stem(x)
         size = source = None
         for block in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
@@ -134,23 +145,88 @@ class TokenMergingMixin:
                 x, size, source = block(x, size, source)
         return self.norm(x), size, source
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        """timm's ``forward_features``: the (merged) tokens after the final norm."""
+        _no_mask(attn_mask, is_causal)
         return self.forward_tokens(x)[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None) -> torch.Tensor:
+        """timm's ``forward_head``; ``size`` (from ``forward_tokens``) weights merged tokens in average pooling."""
+        if size is None and self.global_pool in ("avg", "avgmax") and x.shape[1] != self._num_input_tokens():
+            raise ValueError("average pooling of merged tokens needs their sizes: call model(x), or "
+                             "forward_head(x, size=size) with (x, size, _) = model.forward_tokens(images)")
+        if size is not None and self.global_pool == "avg" and self.attn_pool is None:
+            skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
+            x = (x[:, skip:] * size[:, skip:]).sum(dim=1) / size[:, skip:].sum(dim=1)
+            x = self.head_drop(self.fc_norm(x))
+            return x if pre_logits else self.head(x)
+        return super().forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
         x, size, source = self.forward_tokens(x)
         if self.trace_source:
             self.source = source  # for visualisation (ToMe keeps it in _tome_info["source"])
-        if self.global_pool == "avg":
-            # Mean over the patches the tokens stand for: weight each merged token by its size.
-            x = x[:, self.num_prefix_tokens:]
-            if size is None:
-                x = x.mean(dim=1)
-            else:
-                size = size[:, self.num_prefix_tokens:]
-                x = (x * size).sum(dim=1) / size.sum(dim=1)
-            return self.head(self.head_drop(self.fc_norm(x)))
-        return self.forward_head(x)
+        return self.forward_head(x, size=size)
+
+    def _num_input_tokens(self) -> int:
+        return self.patch_embed.num_patches + self.num_prefix_tokens
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+            attn_mask: torch.Tensor | None = None,
+            is_causal: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates``; after a merge the intermediates are merged tokens (``'NLC'`` only)."""
+        _no_mask(attn_mask, is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        if output_fmt == "NCHW" and any(self.r[:max_index + 1]):
+            raise ValueError("merged tokens no longer form a spatial grid: use output_fmt='NLC' (or "
+                             "get_intermediate_layers(..., reshape=False)), or set model.r = 0")
+        height, width = x.shape[-2:]
+        x = self._stem(x)
+        size = source = None
+        intermediates = []
+        for i, block in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
+            x, size, source = block(x, size, source)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, :self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+
+def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("a token-merging ViT takes no attention mask: merging changes the sequence")
+
+
+def any_pyra(model: nn.Module) -> bool:
+    """Whether any block of ``model`` has a PYRA module."""
+    return any(getattr(block, "pyra", None) is not None for block in model.blocks)
 
 
 _PATCHED_CLASSES: dict = {}
@@ -166,56 +242,63 @@ def _patched_class(vit_class: type) -> type:
 
 
 def apply_patch(model: VisionTransformer, trace_source: bool = False, prop_attn: bool = True) -> VisionTransformer:
-    """Turn a timm ViT into a merging one in place; with ``model.r = 0`` it computes the same as before."""
+    """Turn a timm ViT into a merging one in place (ToMe's contract); with ``model.r = 0`` it computes the same."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"apply_patch needs a timm VisionTransformer, got {type(model).__name__}")
-    model.__class__ = _patched_class(type(model))
-    distill_token = getattr(model, "dist_token", None) is not None
     for i, block in enumerate(model.blocks):
-        if type(block) is not Block or type(block.attn) not in (Attention, MergingAttention):
+        if type(block) not in (Block, MergingBlock) or type(block.attn) not in (Attention, MergingAttention):
             raise TypeError(f"block {i} is {type(block).__name__} with {type(block.attn).__name__}; "
                             f"only timm's standard Block/Attention can be patched")
         if getattr(block.attn, "gate", None) is not None:
             raise TypeError("gated attention is not supported by token merging")
+    model.__class__ = _patched_class(type(model))
+    distill_token = getattr(model, "dist_token", None) is not None
+    for block in model.blocks:
         block.__class__ = MergingBlock
         block.attn.__class__ = MergingAttention
-        block.layer = i
         block.r = 0
         block.class_token = model.cls_token is not None
         block.distill_token = distill_token
-        block.register_module("pyra", None)
-        block.adapter = nn.Identity()
-        _split_linears(block)
     model.prop_attn = prop_attn
     model.trace_source = trace_source
     return model
 
 
-def _split_linears(block: nn.Module) -> None:
-    """Give the block's plain Linears ``SplitLinear``'s forward (faster when merging leaves few tokens)."""
-    for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
-        layer = getattr(parent, name, None)
-        if type(layer) is nn.Linear:
-            layer.__class__ = SplitLinear
-
-
-def resolve_schedule(merging: Merging, backbone: str, depth: int) -> List[int]:
-    """One r per layer from None, ``"low"``/``"high"``, an int, ``(r, inflection)`` or a per-layer list."""
+def resolve_schedule(merging: Merging, backbone: str, depth: int) -> list[int]:
+    """One r per layer from None, ``"low"``/``"high"``, an int, ``(r, inflection)``/mapping or a per-layer list."""
     if merging is None:
         return [0] * depth
     if isinstance(merging, str):
         merging = named_schedule(merging, backbone, depth)
-    if isinstance(merging, bool):
-        raise ValueError(f"merging must be None, 'low', 'high', an int, (r, inflection) or a list, got {merging}")
     return parse_r(depth, merging)
 
 
-def add_pyra(model: nn.Module) -> None:
+def effective_schedule(model: VisionTransformer, schedule: Sequence[int]) -> list[int]:
+    """``schedule`` as the matching will really apply it to this model's token count (clamped per layer)."""
+    block = model.blocks[0]
+    return clamp_schedule(schedule, model._num_input_tokens(), int(block.class_token) + int(block.distill_token))
+
+
+def add_pyra(model: VisionTransformer) -> None:
     """Give every merging layer a PYRA module with one row of ``weight_r`` per merged token."""
-    dim = model.embed_dim
-    for block in model.blocks:
+    if not any(model.r):
+        raise ValueError("PYRA re-activates merged tokens: it needs a merging schedule (merging is None or 0)")
+    for i, block in enumerate(model.blocks):
         if block.r > 0:
-            block.pyra = PYRA(block.r, dim, layer=block.layer).to(block.norm1.weight.device)
+            block.pyra = PYRA(block.r, model.embed_dim, layer=i).to(block.norm1.weight.device)
+
+
+def _build_backbone(name: str, common: dict[str, Any], embed_dim: int | None, depth: int | None,
+                    num_heads: int | None, patch_size: int | None) -> tuple[VisionTransformer, int]:
+    """The timm model of a named backbone (or a custom ``"vit"``) and its default PEFT width."""
+    if name == "vit":
+        sizes = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
+        missing = [k for k, v in sizes.items() if v is None]
+        if missing:
+            raise ValueError(f"a custom 'vit' needs {', '.join(missing)}")
+        return VisionTransformer(**sizes, **common), 8
+    spec = get_backbone(name)
+    return timm.create_model(spec.timm_name, pretrained=False, **{**spec.timm_kwargs, **common}), spec.peft_dim
 
 
 def create_model(
@@ -223,7 +306,7 @@ def create_model(
         *,
         num_classes: int,
         peft: str = "lora",
-        peft_dim: Optional[int] = None,
+        peft_dim: int | None = None,
         peft_dropout: float = 0.1,
         peft_init: str = "official",
         merging: Merging = None,
@@ -232,36 +315,26 @@ def create_model(
         trace_source: bool = False,
         drop_path_rate: float = 0.1,
         img_size: int = 224,
-        embed_dim: Optional[int] = None,
-        depth: Optional[int] = None,
-        num_heads: Optional[int] = None,
-        patch_size: Optional[int] = None,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        patch_size: int | None = None,
         **kwargs: Any,
 ) -> VisionTransformer:
     """Build a backbone of the table in ``models.backbones`` (or a custom ``"vit"``), ready to adapt.
 
-    Weights are random: load a pretrained checkpoint with ``models.load_checkpoint``. Only the PEFT
-    modules, the head(s) and PYRA are trainable (everything for ``peft="full"``).
+    Steps: timm backbone → ``apply_patch`` → PEFT → PEFT init → per-layer schedule (clamped to the
+    token count, with a warning) → PYRA → freeze. Weights are random: load a pretrained checkpoint
+    with ``models.load_checkpoint``. Only the PEFT modules, the head(s) and PYRA are trainable
+    (everything for ``peft="full"``). Extra ``kwargs`` go to timm (e.g. ``global_pool``).
     """
     if peft not in PEFT_TYPES:
         raise ValueError(f"unknown peft {peft!r}; expected one of {PEFT_TYPES}")
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     common = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, img_size=img_size, **kwargs)
-    if name == "vit":
-        missing = [k for k, v in dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                                      patch_size=patch_size).items() if v is None]
-        if missing:
-            raise ValueError(f"a custom 'vit' needs {', '.join(missing)}")
-        model = VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size,
-                                  **common)
-        default_dim = 8
-    else:
-        spec = get_backbone(name)
-        model = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs, **common)
-        default_dim = spec.peft_dim
+    model, default_dim = _build_backbone(name, common, embed_dim, depth, num_heads, patch_size)
     apply_patch(model, trace_source=trace_source, prop_attn=prop_attn)
-    model.backbone_name = name
 
     dim = default_dim if peft_dim is None else peft_dim
     if peft in ("lora", "adapter") and dim <= 0:
@@ -272,10 +345,14 @@ def create_model(
         add_adapters(model, dim, peft_dropout)
     init_peft(model, peft_init)
 
-    model.r = merging
+    requested = resolve_schedule(merging, name, len(model.blocks))
+    schedule = effective_schedule(model, requested)
+    if schedule != requested:
+        warnings.warn(f"merging schedule {requested} asks for more tokens than the "
+                      f"{model.patch_embed.num_patches + model.num_prefix_tokens} inputs hold; "
+                      f"per layer it becomes {schedule}", stacklevel=2)
+    model.r = schedule
     if pyra:
-        if not any(model.r):
-            raise ValueError("PYRA re-activates merged tokens: it needs a merging schedule (merging is None or 0)")
         add_pyra(model)
     mark_trainable(model, peft)
     return model

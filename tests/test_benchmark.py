@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lib.benchmark import count_flops, efficiency, matmul_peak, peak_memory_mb, sdpa_flop_jit
-from models import create_model, peft
+from models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,32 +74,6 @@ def test_count_flops_tiny_vit_matches_hand_count(fold):
         n = (img // patch) ** 2 + 1
         expected -= depth * (n * dim * rank + n * rank * 3 * dim)
     assert count_flops(model, img) == expected
-
-
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_split_linear_is_linear_with_the_same_count(two_threads, monkeypatch):
-    x = torch.randn(3, 7, 64, requires_grad=True)
-    w, b = torch.randn(512, 64, requires_grad=True), torch.randn(512)
-    with torch.profiler.profile() as prof:
-        out = peft.linear(x, w, b)       # 21 rows, two 256-wide blocks: the batched path
-    assert "aten::baddbmm" in {e.name for e in prof.events()}
-    ref = F.linear(x, w, b)
-    assert torch.allclose(out, ref, atol=1e-5)
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, (x, w), g)
-    assert all(torch.allclose(a, e, atol=1e-4) for a, e in zip(grads, torch.autograd.grad(ref, (x, w), g)))
-
-    model = create_model("vit", num_classes=10, embed_dim=512, depth=1, num_heads=8, patch_size=16, img_size=32)
-    split = count_flops(model, 32)
-    monkeypatch.setattr(peft, "SPLIT_MAX_ROWS", 0)
-    assert count_flops(model, 32) == split
 
 
 def test_matmul_peak_is_a_rate():

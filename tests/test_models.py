@@ -71,7 +71,7 @@ def test_named_schedules_token_counts(name):
     model = create_model(name, num_classes=10, peft="none").eval()
     protected = 2 if "deit" in name else 1
     for schedule in ("low", "high"):
-        model.r = schedule
+        model.r = named_schedule(schedule, name)
         assert model.r == named_schedule(schedule, name) and len(model.r) == BACKBONES[name].depth
         assert token_counts(model, 224) == expected_counts(196 + protected, model.r, protected)
 
@@ -92,7 +92,14 @@ def test_parse_r_forms():
     assert parse_r(4, 3) == [3, 3, 3, 3]
     assert parse_r(4, [5, 2]) == [5, 2, 0, 0]
     assert parse_r(3, (8, 0.5)) == [4, 8, 12]
-    assert parse_r(3, [8, 0.5]) == [4, 8, 12]  # YAML has no tuples
+    assert parse_r(3, {"r": 8, "inflection": 0.5}) == [4, 8, 12]  # YAML has no tuples
+    assert parse_r(3, (8, -0.5)) == [12, 8, 4]                     # ToMe's decreasing schedule
+    assert parse_r(3, {"r": 8, "inflection": -1}) == [16, 8, 0]
+    assert parse_r(4, [16, 0]) == [16, 0, 0, 0]                    # a list is always per layer
+    assert parse_r(4, [16, 1]) == [16, 1, 0, 0]
+    for bad in ([8, 0.5], (8, 1.5), {"r": 8, "slope": 1}, -1, "low"):
+        with pytest.raises(ValueError):
+            parse_r(3, bad)
     with pytest.raises(ValueError, match="3 entries but the model has 2"):
         parse_r(2, [1, 2, 3])
 
@@ -188,7 +195,7 @@ def test_pyra_param_counts_vit_b():
     assert report["pyra"] == (27840, 27840)
     assert report["head"] == (76900, 76900)
     assert report["total"][0] == 86198308
-    model.r = "low"  # smaller everywhere: fits the modules built for "high"
+    model.r = named_schedule("low", "vit_base_patch16_224_in21k")  # fits "high" modules
     low = create_model("vit_base_patch16_224_in21k", num_classes=100, merging="low", pyra=True)
     assert param_report(low)["pyra"][0] == 27834
 
