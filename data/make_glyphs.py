@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ MASK_SIZE = 64           # glyph masks are rendered at this size and resampled b
 BLOCK = 4                # ink is counted over BLOCK x BLOCK pixels of the 32x32 bitmap (UCI digits: 0..16)
 
 
-def font_paths() -> Tuple[Path, ...]:
+def font_paths() -> tuple[Path, ...]:
     """The font files, from matplotlib's own data folder (installed with it; nothing is downloaded)."""
     import matplotlib
 
@@ -113,8 +113,8 @@ def render(labels: torch.Tensor, fonts: torch.Tensor, generator: torch.Generator
     return pixels.repeat_interleave(BLOCK, 2).repeat_interleave(BLOCK, 3).squeeze(1)
 
 
-def make_batch(n: int, seed: int = 0, generator: Optional[torch.Generator] = None
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_batch(n: int, seed: int = 0, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images (``N x 32 x 32`` uint8) with uniformly drawn classes and fonts, and their labels.
 
     With ``generator`` the draw continues that stream (training); otherwise it is seeded by ``seed``.
@@ -135,7 +135,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write a preview grid of generated samples."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preview", required=True, help="PNG file to write (a grid of samples)")
