@@ -49,9 +49,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-# lib.config needs only models/backbones.py (pure Python): load it without models/__init__.py, which
-# imports torch and timm (seconds of start-up, and this script never builds a model).
-if "models" not in sys.modules and (ROOT / "models" / "backbones.py").is_file():
+# lib.config needs only models/backbones.py (pure Python): run as a script, load it without
+# models/__init__.py, which imports torch and timm (seconds of start-up, and this script never builds a
+# model). Imported as a module, leave the real package alone (the importer may need all of it).
+if __name__ == "__main__" and "models" not in sys.modules and (ROOT / "models" / "backbones.py").is_file():
     _package = types.ModuleType("models")
     _package.__path__ = [str(ROOT / "models")]
     sys.modules["models"] = _package

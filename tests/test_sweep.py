@@ -27,6 +27,12 @@ def _load_script(name: str):
 sw = _load_script("sweep")
 
 
+def test_importing_the_script_leaves_the_models_package_whole() -> None:
+    import models
+
+    assert hasattr(models, "create_model") and hasattr(models, "load_checkpoint")
+
+
 def test_split_values_keeps_brackets_and_quotes() -> None:
     assert sw.split_values("1e-4,3e-4") == ["1e-4", "3e-4"]
     assert sw.split_values("[4,2],[8, 4]") == ["[4,2]", "[8, 4]"]
