@@ -13,28 +13,28 @@ import argparse
 import copy
 import json
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
-from lib.benchmark import count_flops, measure_throughput
+from lib.benchmark import count_flops, measure_throughput, merged_speedup
+from lib.build import build_model
 from lib.config import ConfigError, load_config
 from lib.data import DataError, build_dataset, task_num_classes
-from lib.distributed import DistInfo
+from lib.distributed import DistInfo, select_device
 from lib.engine import evaluate
 from lib.loaders import build_eval_loader
 from models import CheckpointError, fold_lora, load_checkpoint, param_report, read_checkpoint
-from train import build_model, select_device
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the YAML the checkpoint was trained with")
     p.add_argument("--checkpoint", default="", help="best.pth / last.pth of a run (or an official PYRA model)")
     p.add_argument("--batch-size", type=int, default=64, help="batch for throughput and evaluation")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the config's train.device)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--runs", type=int, default=5, help="timed batches per setting")
+    p.add_argument("--runs", type=int, default=5, help="rounds of alternating merged / unmerged timing")
     p.add_argument("--no-accuracy", action="store_true", help="only the efficiency report")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write the result as JSON to PATH (or stdout)")
@@ -43,38 +43,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def efficiency_table(model: torch.nn.Module, cfg: Any, device: torch.device, batch: int, precision: str,
-                     runs: int) -> List[Dict[str, Any]]:
-    """Configured merging vs none, LoRA folded vs not; throughput measured round-robin to cancel drift."""
-    folded = fold_lora(copy.deepcopy(model))
-    schedule = model.r
-    settings = [("merged" if any(schedule) else "configured", schedule)] + ([("no merging", 0)] if any(schedule)
-                                                                             else [])
-    rows = {}
-    for name, r in settings:
-        for fold, m in (("unfolded", model), ("folded", folded)):
+                     rounds: int) -> list[dict[str, Any]]:
+    """Configured merging vs none, LoRA folded vs not (``lib.benchmark.merged_speedup`` per LoRA variant)."""
+    rows = []
+    base = None
+    for lora, m in (("unfolded", model), ("folded", fold_lora(copy.deepcopy(model)))):
+        schedule = m.r
+        speed = merged_speedup(m, batch, cfg.model.img_size, device, precision, rounds=rounds)
+        rates = ([("merged", schedule, speed["merged_images_per_s"]), ("no merging", [0] * len(schedule),
+                                                                        speed["plain_images_per_s"])]
+                 if speed else [("configured", schedule, measure_throughput(
+                     m, batch, cfg.model.img_size, device, precision, runs=rounds)["images_per_s"])])
+        for name, r, images_per_s in rates:
             m.r = r
-            rows[(name, fold)] = {"setting": name, "lora": fold, "r": list(m.r),
-                                  "parameters": param_report(m)["total"][0],
-                                  "gflops": count_flops(m, cfg.model.img_size) / 2 ** 30, "rates": []}
-    for _ in range(runs):
-        for (name, fold), row in rows.items():
-            m = folded if fold == "folded" else model
-            m.r = dict(settings)[name]
-            row["rates"].append(measure_throughput(m, batch, cfg.model.img_size, device, precision,
-                                                   warmup=1, runs=1)["images_per_s"])
-    model.r = schedule
-    out = []
-    for row in rows.values():
-        rates = sorted(row.pop("rates"))
-        row.update(images_per_s=rates[len(rates) // 2], batch_size=batch, device=str(device), precision=precision)
-        out.append(row)
-    base = out[-2]["images_per_s"]  # the unfolded model without merging (or the only setting)
-    for row in out:
+            rows.append({"setting": name, "lora": lora, "r": list(m.r), "parameters": param_report(m)["total"][0],
+                         "gflops": count_flops(m, cfg.model.img_size) / 2 ** 30, "images_per_s": images_per_s,
+                         "batch_size": batch, "device": str(device), "precision": precision,
+                         "spread": speed["spread"] if speed else None})
+        m.r = schedule
+        base = base or rates[-1][2]  # the unfolded model without merging (or the only setting)
+    for row in rows:
         row["speedup"] = row["images_per_s"] / base
-    return out
+    return rows
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -86,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.model.img_size, is_train=False)
             num_classes = eval_set.num_classes
         model = build_model(cfg, num_classes).to(device)
-        result: Dict[str, Any] = {"config": args.config, "checkpoint": args.checkpoint, "task": cfg.data.task}
+        result: dict[str, Any] = {"config": args.config, "checkpoint": args.checkpoint, "task": cfg.data.task}
         if args.checkpoint:
             report = load_checkpoint(model, args.checkpoint, kind="finetuned")
             result["checkpoint_epoch"] = read_checkpoint(args.checkpoint).get("next_epoch", 0) - 1

@@ -16,33 +16,34 @@ import logging
 import math
 import shutil
 import signal
-import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from lib.benchmark import count_flops, measure_throughput, tokens_per_layer
+from lib.benchmark import count_flops, measure_throughput, merged_speedup, tokens_per_layer
+from lib.build import build_model
 from lib.checkpointing import atomic_write, load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state
 from lib.config import ConfigError, config_to_dict, load_config, save_config
 from lib.data import DataError, build_dataset, canonical_task
-from lib.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, is_main
+from lib.distributed import all_reduce_sum, cleanup, init_distributed, is_main, select_device
 from lib.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
 from lib.loaders import build_eval_loader, build_train_loader
 from lib.logger import JsonLog, setup_logger
 from lib.optim import build_optimizer, build_scheduler
-from models import CheckpointError, create_model, load_checkpoint, param_report, trainable_state_dict
+from models import CheckpointError, load_checkpoint, param_report, trainable_state_dict
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"
 EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE = 2, 3, 4
+UNRELIABLE_SPREAD = 0.25  # per-round speed-up ratios spread wider than this: the timing is not trustworthy
 RUN_FILES = ("log.txt", "train.log", "config.yaml", "efficiency.json", "last.pth", "best.pth", "final.json")
 
 log = logging.getLogger("pyra")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help=f"YAML experiment (default: the CPU demo, {DEMO_CONFIG.name})")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
@@ -52,23 +53,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def select_device(name: str, dist: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name!r} but CUDA is not available")
-        return torch.device("cuda", dist.local_rank if dist.enabled else torch.device(name).index or 0)
-    return torch.device(name)
-
-
 def run_dir(cfg: Any) -> Path:
     """``<output_dir>/<experiment>/<task>/seed<k>/``: the seed is part of a run's identity, so runs of
     different seeds never share a folder (and resume / skip-finished work per seed)."""
     return Path(cfg.output_dir) / cfg.experiment / canonical_task(cfg.data.task) / f"seed{cfg.seed}"
 
 
-def prepare_run_dir(out: Path, resume: Optional[str], overwrite: bool) -> Optional[Path]:
+def prepare_run_dir(out: Path, resume: str | None, overwrite: bool) -> Path | None:
     """Decide what an existing folder means: refuse to clobber, resume, or start over. Returns the
     checkpoint to resume from, if any."""
     finished, last = out / "final.json", out / "last.pth"
@@ -90,29 +81,10 @@ def prepare_run_dir(out: Path, resume: Optional[str], overwrite: bool) -> Option
     return None
 
 
-def build_model(cfg: Any, num_classes: int) -> nn.Module:
-    """The configured model; seeded, so weights that no file provides (a backbone trained from scratch,
-    fresh PEFT/PYRA/head) are the same in train.py, eval.py and the visualiser."""
-    m = cfg.model
-    torch.manual_seed(cfg.seed)
-    custom = dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size) \
-        if m.name == "vit" else {}
-    if m.global_pool:
-        custom["global_pool"] = m.global_pool
-    model = create_model(
-        m.name, num_classes=num_classes, peft=cfg.peft.type, peft_dim=cfg.peft.dim, peft_dropout=cfg.peft.dropout,
-        peft_init=cfg.peft.init, merging=cfg.merging.r, pyra=cfg.merging.pyra, prop_attn=cfg.merging.prop_attn,
-        drop_path_rate=m.drop_path_rate, img_size=m.img_size, **custom)
-    if m.pretrained:
-        report = load_checkpoint(model, m.pretrained, kind="pretrained")
-        log.info(report.summary())
-    return model
-
-
-def efficiency_report(model: nn.Module, cfg: Any, device: torch.device) -> Dict[str, Any]:
+def efficiency_report(model: nn.Module, cfg: Any, device: torch.device) -> dict[str, Any]:
     """Parameters, fvcore FLOPs, throughput at the batch actually used, and tokens per layer."""
     params = param_report(model)
-    out: Dict[str, Any] = {
+    out: dict[str, Any] = {
         "n_parameters": params["total"][1], "total_parameters": params["total"][0],
         "parameters": {k: {"total": v[0], "trainable": v[1]} for k, v in params.items()},
         "tokens_per_layer": tokens_per_layer(model, cfg.model.img_size),
@@ -128,7 +100,7 @@ def efficiency_report(model: nn.Module, cfg: Any, device: torch.device) -> Dict[
     return out
 
 
-def log_efficiency(eff: Dict[str, Any]) -> None:
+def log_efficiency(eff: dict[str, Any]) -> None:
     rows = [f"  {k:<9} {v['total']:>12,} total {v['trainable']:>10,} trainable" for k, v in eff["parameters"].items()]
     log.info("parameters:\n" + "\n".join(rows))
     if "flops" in eff:
@@ -143,7 +115,7 @@ class StopFlag:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.signal: Optional[int] = None
+        self.signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -158,22 +130,14 @@ class StopFlag:
         return bool(flag.item())
 
 
-def merged_speedup(model: nn.Module, cfg: Any, device: torch.device, rounds: int = 5) -> Optional[float]:
-    """Images/s with the configured merging over the same model without merging: the ratio of medians
-    over rounds that alternate the two settings, so machine drift hits both alike."""
-    if not any(model.r):
-        return None
-    schedule, rates = model.r, {"merged": [], "plain": []}
-    for _ in range(rounds):
-        for name, r in (("merged", schedule), ("plain", 0)):
-            model.r = r
-            rates[name].append(measure_throughput(model, cfg.report.benchmark_batch, cfg.model.img_size, device,
-                                                  cfg.train.precision, warmup=1, runs=3)["images_per_s"])
-    model.r = schedule
-    return statistics.median(rates["merged"]) / statistics.median(rates["plain"])
+def _speed_text(speed: dict[str, Any]) -> str:
+    text = f"{speed['speedup']:.2f}x images/s (spread {100 * speed['spread']:.0f}% over {speed['rounds']} rounds"
+    if speed["spread"] > UNRELIABLE_SPREAD:
+        text += "; UNRELIABLE: the machine was busy, rerun eval.py on an idle one"
+    return text + ")"
 
 
-def train(cfg: Any, resume: Optional[str], overwrite: bool) -> Dict[str, Any]:
+def train(cfg: Any, resume: str | None, overwrite: bool) -> dict[str, Any]:
     dist = init_distributed("cuda" if cfg.train.device.startswith("cuda") or (
         cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = select_device(cfg.train.device, dist)
@@ -283,17 +247,20 @@ def train(cfg: Any, resume: Optional[str], overwrite: bool) -> Dict[str, Any]:
     last = json.loads((out / "log.txt").read_text().splitlines()[-1]) if is_main() else {}
     final = {"best_acc1": best["acc1"], "best_epoch": best["epoch"], "last_acc1": last.get("test_acc1"),
              "epochs": cfg.train.epochs, "finished": True}
-    speedup = merged_speedup(model, cfg, device) if is_main() else None
-    if speedup is not None:
-        final["merged_speedup"] = speedup
+    speed = merged_speedup(model, cfg.report.benchmark_batch, cfg.model.img_size, device,
+                           cfg.train.precision) if is_main() and cfg.report.speedup else None
+    if speed is not None:
+        final["merged_speedup"] = speed["speedup"]
+        final["merged_speedup_spread"] = speed["spread"]
+        final["merged_speedup_reliable"] = speed["spread"] <= UNRELIABLE_SPREAD
     if is_main():
         atomic_write(out / "final.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
         log.info(f"final: top-1 {final['last_acc1']:.2f}% (best {best['acc1']:.2f}% at epoch {best['epoch']})"
-                 + (f"; merged vs unmerged inference: {speedup:.2f}x images/s" if speedup else ""))
+                 + (f"; merged vs unmerged inference: {_speed_text(speed)}" if speed else ""))
     return final
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = args.config or str(DEMO_CONFIG)

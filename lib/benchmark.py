@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["count_flops", "sdpa_flop_jit", "measure_throughput", "tokens_per_layer", "time_fn",
+from .engine import autocast_ctx
+
+__all__ = ["count_flops", "sdpa_flop_jit", "measure_throughput", "merged_speedup", "tokens_per_layer", "time_fn",
            "autocast_ctx", "efficiency", "matmul_peak", "make_train_step", "measure_train_step", "peak_memory_mb",
            "device_name", "tune_cpu_allocator", "profile_table", "flops_by_block", "time_blocks"]
 
@@ -104,14 +106,6 @@ def time_blocks(model: nn.Module, batch_size: int, img_size: int = 224, device: 
     return [statistics.median(t) for t in times]
 
 
-def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for bf16/fp16, nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
 def _sync(device: torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -149,6 +143,32 @@ def measure_throughput(model: nn.Module, batch_size: int, img_size: int = 224, d
         model.train(was_training)
     median = statistics.median(times)
     return {"images_per_s": batch_size / median, "batch_size": batch_size, "median_s": median, "runs": len(times)}
+
+
+def merged_speedup(model: nn.Module, batch_size: int, img_size: int = 224, device: torch.device | None = None,
+                   precision: str = "fp32", rounds: int = 5, runs: int = 3) -> dict[str, Any] | None:
+    """Images/s of ``model`` with its merging schedule over the same model with none (``r = 0``).
+
+    The two settings alternate for ``rounds`` rounds so that drift of the machine hits both alike; the
+    speed-up is the median of the per-round ratios, and ``spread`` is (max − min) / median of those
+    ratios. ``None`` for a model that merges nothing.
+    """
+    if not any(model.r):
+        return None
+    schedule, ratios, merged, plain = model.r, [], [], []
+    try:
+        for _ in range(rounds):
+            for r, rates in ((schedule, merged), (0, plain)):
+                model.r = r
+                rates.append(measure_throughput(model, batch_size, img_size, device, precision, warmup=1,
+                                                runs=runs)["images_per_s"])
+            ratios.append(merged[-1] / plain[-1])
+    finally:
+        model.r = schedule
+    speedup = statistics.median(ratios)
+    return {"speedup": speedup, "spread": (max(ratios) - min(ratios)) / speedup, "ratios": ratios,
+            "merged_images_per_s": statistics.median(merged), "plain_images_per_s": statistics.median(plain),
+            "batch_size": batch_size, "rounds": rounds}
 
 
 @torch.no_grad()

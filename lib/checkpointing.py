@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """Every RNG a training step may draw from, as tensors / plain values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
@@ -56,7 +57,7 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -72,7 +73,7 @@ def save_run_checkpoint(path: str | os.PathLike, **payload: Any) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_run_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+def load_run_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a run checkpoint written by ``save_run_checkpoint`` (never unpickles code)."""
     ckpt = read_checkpoint(str(path))
     missing = [k for k in ("model", "optimizer", "scheduler", "next_epoch", "rng") if k not in ckpt]

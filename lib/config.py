@@ -88,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
         "benchmark_batch": 64,
         "benchmark_seconds": 2.0,
         "flops": True,
+        "speedup": False,        # time merged vs unmerged inference at the end of training (opt-in)
     },
 }
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import List
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "is_main", "all_reduce_sum", "barrier", "cleanup"]
+from lib.config import ConfigError
+
+__all__ = ["DistInfo", "init_distributed", "is_main", "all_reduce_sum", "cleanup", "select_device"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sums across processes (float64, so counts stay exact)."""
     if not dist.is_initialized():
         return list(values)
@@ -62,11 +63,17 @@ def all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
     return t.tolist()
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def select_device(name: str, info: DistInfo) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda[:N]``; under torchrun each process takes its local rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name!r} but CUDA is not available")
+        return torch.device("cuda", info.local_rank if info.enabled else torch.device(name).index or 0)
+    return torch.device(name)

@@ -1,44 +1,24 @@
 """One training epoch and an exact (distributed) evaluation."""
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, Optional
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from .benchmark import autocast_ctx
 from .distributed import all_reduce_sum, is_main
 
-__all__ = ["ResumableSampler", "EpochState", "NonFiniteLossError", "train_one_epoch", "evaluate"]
+__all__ = ["autocast_ctx", "EpochState", "NonFiniteLossError", "train_one_epoch", "evaluate"]
 
 log = logging.getLogger("pyra")
-
-
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffled by seed + epoch, one shard per rank) that can start mid-epoch."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = False) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
-        self.start = 0
-
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        """Epoch ``epoch``, skipping its first ``start`` samples of this rank (resume after pre-emption)."""
-        self.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
 
 
 @dataclass
@@ -50,7 +30,14 @@ class EpochState:
     samples: int = 0
     finished: bool = False
     seconds: float = 0.0
-    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,8 +60,8 @@ def train_one_epoch(
         epoch: int,
         state: EpochState,
         precision: str = "fp32",
-        scaler: Optional[torch.amp.GradScaler] = None,
-        clip_grad: Optional[float] = None,
+        scaler: torch.amp.GradScaler | None = None,
+        clip_grad: float | None = None,
         should_stop: Callable[[], bool] = lambda: False,
 ) -> EpochState:
     """Train until the loader ends or ``should_stop()`` (then ``state.finished`` stays False)."""
@@ -121,7 +108,7 @@ def _trainable(model: nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32") -> Dict[str, float]:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """Loss, top-1 and top-5 (percent) over the whole split; sums are reduced over ranks, so the result
     equals a single-process evaluation (each rank sees a disjoint shard, nothing padded)."""
     model.eval()

@@ -7,14 +7,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from .checkpointing import atomic_write
 
 __all__ = ["setup_logger", "JsonLog"]
 
 
-def setup_logger(log_file: Optional[Path], main_process: bool = True) -> logging.Logger:
+def setup_logger(log_file: Path | None, main_process: bool = True) -> logging.Logger:
     """The ``pyra`` logger: console + ``train.log`` on the main process, silent elsewhere."""
     logger = logging.getLogger("pyra")
     logger.handlers.clear()
@@ -38,7 +38,7 @@ class JsonLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def append(self, record: Dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

@@ -1,7 +1,7 @@
 """AdamW with the official parameter groups, plus PYRA's own learning rate, and timm's cosine schedule."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -15,14 +15,14 @@ __all__ = ["param_groups", "build_optimizer", "build_scheduler"]
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 
 
-def param_groups(model: nn.Module, weight_decay: float, pyra_lr: float, pyra_weight_decay: float) -> List[Dict]:
+def param_groups(model: nn.Module, weight_decay: float, pyra_lr: float, pyra_weight_decay: float) -> list[dict]:
     """Trainable parameters in four groups: decay / no-decay at the base lr, and PYRA's decay / no-decay
     at ``pyra_lr`` (PYRA's weight decay applies to ``weight_r``/``weight_d``, never to its LayerNorm).
 
     The official optimiser meant to give PYRA ``pyra_lr`` but selected names containing "ssf", so PYRA
     trained at the base lr there; here the groups are real (README: differences).
     """
-    groups: Dict[str, List[nn.Parameter]] = {"decay": [], "no_decay": [], "pyra": [], "pyra_no_decay": []}
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "pyra": [], "pyra_no_decay": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

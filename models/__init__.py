@@ -1,5 +1,5 @@
-"""PYRA models: timm ViT backbones with LoRA/Adapter, ToMe token merging and PYRA re-activation."""
-from .backbones import BACKBONES, SCHEDULES, get_backbone, named_schedule
+"""PYRA models: timm ViT backbones with LoRA/Adapter/visual prompts, ToMe token merging and PYRA re-activation."""
+from .backbones import BACKBONES, MERGING_SETTINGS, SCHEDULES, get_backbone, named_schedule
 from .checkpoint import (
     CheckpointError,
     LoadReport,
@@ -9,14 +9,15 @@ from .checkpoint import (
     unwrap_model,
 )
 from .peft import Adapter, LoRALinear, fold_lora, mark_trainable, param_category, param_report
+from .prompt import VisualPrompts, add_prompts
 from .pyra import PYRA
 from .tome import bipartite_soft_matching, merge_source, merge_wavg, parse_r
-from .vit import apply_patch, create_model, resolve_schedule
+from .vit import add_pyra, apply_patch, create_model, resolve_schedule
 
 __all__ = [
-    "BACKBONES", "SCHEDULES", "get_backbone", "named_schedule",
+    "BACKBONES", "MERGING_SETTINGS", "SCHEDULES", "get_backbone", "named_schedule",
     "CheckpointError", "LoadReport", "load_checkpoint", "read_checkpoint", "trainable_state_dict", "unwrap_model",
     "Adapter", "LoRALinear", "fold_lora", "mark_trainable", "param_category", "param_report",
-    "PYRA", "bipartite_soft_matching", "merge_source", "merge_wavg", "parse_r",
-    "apply_patch", "create_model", "resolve_schedule",
+    "VisualPrompts", "add_prompts", "PYRA", "bipartite_soft_matching", "merge_source", "merge_wavg", "parse_r",
+    "add_pyra", "apply_patch", "create_model", "resolve_schedule",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BackboneSpec", "BACKBONES", "SCHEDULES", "get_backbone", "named_schedule"]
+__all__ = ["BackboneSpec", "BACKBONES", "SCHEDULES", "MERGING_SETTINGS", "get_backbone", "named_schedule"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,16 @@ SCHEDULES: dict[str, dict[str, list[int]]] = {
         "low": [16] * 6 + [10] * 6,
         "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3],
     },
+}
+
+# The paper's merging settings: name -> (schedule name or None, PYRA on, label). configs/generate.py
+# writes configs/_base_/merging/<name>.yaml from it and scripts/benchmark.py measures these rows.
+MERGING_SETTINGS: dict[str, tuple[str | None, bool, str]] = {
+    "none": (None, False, "no token merging"),
+    "tome_low": ("low", False, "ToMe, low compression"),
+    "tome_high": ("high", False, "ToMe, high compression"),
+    "pyra_low": ("low", True, "PYRA, low compression"),
+    "pyra_high": ("high", True, "PYRA, high compression"),
 }
 
 _MAE = {"global_pool": "avg"}

@@ -18,8 +18,9 @@ import argparse
 import math
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ __all__ = ["build_model", "default_layers", "collect_sources", "source_to_labels
            "visualize", "main"]
 
 
-def _checkpoint_classes(path: str) -> Optional[int]:
+def _checkpoint_classes(path: str) -> int | None:
     """Rows of the head in a checkpoint (so a fine-tuned head loads whatever the config says), if any."""
     from models import read_checkpoint
 
@@ -47,23 +48,22 @@ def _checkpoint_classes(path: str) -> Optional[int]:
     return None
 
 
-def build_model(cfg: Any, checkpoint: Optional[str] = None, pretrained: bool = True) -> Tuple[Any, List[str]]:
+def build_model(cfg: Any, checkpoint: str | None = None, pretrained: bool = True) -> tuple[Any, list[str]]:
     """The config's model as train.py builds it, with source tracking, in eval mode, weights loaded.
 
     Also returns the load reports (``loaded ... missing ...``) of the pretrained and fine-tuned weights.
     """
-    import copy
 
+    from lib.build import build_model as build_training_model
     from lib.data import task_num_classes
     from models import load_checkpoint
-    from train import build_model as build_training_model
 
     num_classes = cfg.data.num_classes or task_num_classes(cfg.data.task, cfg.data.root)
     if checkpoint:
         num_classes = _checkpoint_classes(checkpoint) or num_classes
-    no_weights = copy.deepcopy(cfg)
-    no_weights.model.pretrained = ""  # loaded below, to report what was loaded
-    model = build_training_model(no_weights, num_classes or 1000)  # the head plays no part in the merging
+    no_weights = cfg  # pretrained weights are loaded below, to report what was loaded
+    # The head plays no part in the merging, so an unknown class count is harmless.
+    model = build_training_model(no_weights, num_classes or 1000, pretrained=False)
     model.trace_source = True
     reports = []
     if pretrained and cfg.model.pretrained:
@@ -76,19 +76,19 @@ def build_model(cfg: Any, checkpoint: Optional[str] = None, pretrained: bool = T
     return model.eval(), reports
 
 
-def default_layers(depth: int) -> List[int]:
+def default_layers(depth: int) -> list[int]:
     """A quarter, half way and the last block (3, 6, 11 for 12 blocks)."""
     return sorted({max(0, depth // 4), depth // 2, depth - 1})
 
 
-def collect_sources(model: Any, x: Any, layers: Sequence[int]) -> Dict[int, Any]:
+def collect_sources(model: Any, x: Any, layers: Sequence[int]) -> dict[int, Any]:
     """Run ``x`` (1×3×H×W) and return the source map (N×N₀) after each block in ``layers``.
 
     A block before any merging returns no source map: it is then the identity (each token itself).
     """
     import torch
 
-    sources: Dict[int, Any] = {}
+    sources: dict[int, Any] = {}
     handles = []
     for i in layers:
         def hook(module, inputs, output, i=i):
@@ -105,7 +105,7 @@ def collect_sources(model: Any, x: Any, layers: Sequence[int]) -> Dict[int, Any]
     return sources
 
 
-def source_to_labels(source: Any, grid: Tuple[int, int], num_prefix: int) -> np.ndarray:
+def source_to_labels(source: Any, grid: tuple[int, int], num_prefix: int) -> np.ndarray:
     """The gh×gw map of which token each patch belongs to (tokens numbered 0.. in order of appearance)."""
     patches = np.asarray(source, dtype=np.float32)[:, num_prefix:]
     if patches.shape[1] != grid[0] * grid[1]:
@@ -157,7 +157,7 @@ def render_groups(image: np.ndarray, labels: np.ndarray, fill: str = "mean", see
     return out
 
 
-def _load_image(path: str, img_size: int, normalization: str) -> Tuple[Any, np.ndarray]:
+def _load_image(path: str, img_size: int, normalization: str) -> tuple[Any, np.ndarray]:
     """(model input 1×3×S×S through the config's transform, the resized image as S×S×3 in [0, 1])."""
     from PIL import Image
 
@@ -170,9 +170,9 @@ def _load_image(path: str, img_size: int, normalization: str) -> Tuple[Any, np.n
     return x, shown
 
 
-def visualize(image: str, cfg: Any, layers: Optional[Sequence[int]] = None, out: str = "merge.png",
-              checkpoint: Optional[str] = None, fill: str = "mean", seed: int = 0,
-              pretrained: bool = True) -> Dict[str, Any]:
+def visualize(image: str, cfg: Any, layers: Sequence[int] | None = None, out: str = "merge.png",
+              checkpoint: str | None = None, fill: str = "mean", seed: int = 0,
+              pretrained: bool = True) -> dict[str, Any]:
     """Build, run and draw; returns per-layer token counts, group label maps and the load reports."""
     import matplotlib
 
@@ -194,7 +194,7 @@ def visualize(image: str, cfg: Any, layers: Optional[Sequence[int]] = None, out:
     fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3 * (len(layers) + 1), 3.4), squeeze=False)
     axes[0, 0].imshow(big)
     axes[0, 0].set_title("input", fontsize=9)
-    result: Dict[str, Any] = {"layers": {}, "reports": reports, "r": list(model.r), "out": out}
+    result: dict[str, Any] = {"layers": {}, "reports": reports, "r": list(model.r), "out": out}
     for ax, i in zip(axes[0, 1:], layers):
         labels = source_to_labels(sources[i], grid, model.num_prefix_tokens)
         ax.imshow(np.clip(render_groups(big, labels, fill, seed), 0, 1))
@@ -211,7 +211,7 @@ def visualize(image: str, cfg: Any, layers: Optional[Sequence[int]] = None, out:
     return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", required=True, help="input image (any format PIL reads)")
