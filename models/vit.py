@@ -36,10 +36,19 @@ Merging = None | str | Schedule
 class MergingAttention(Attention):
     """timm attention that adds ``log(size)`` to the logits of each key and also returns the mean key.
 
-    The bias goes to ``scaled_dot_product_attention`` as an additive mask, so the fused kernel still
-    runs; ``fused_attn = False`` (timm's ``set_fused_attn(False)`` before building) gives the explicit
-    softmax, which is also what FLOP counters see in full.
+    Proportional attention, ``softmax(q·kᵀ·scale + log(size_k)) v``, runs in one of two forms
+    (``size_bias``; the class default is the form measured faster, see ``SIZE_BIAS_BY_DEVICE``):
+
+    - ``"mask"``: ``log(size)`` reaches ``scaled_dot_product_attention`` as an additive mask;
+    - ``"feature"``: no mask. The bias depends only on the key, so it rides along as one extra head
+      feature (``size_bias_attention``), which leaves every SDPA kernel eligible (flash on CUDA).
+
+    Both are plain PyTorch and give the same result (``tests/test_attention.py``). ``fused_attn = False``
+    (timm's ``set_fused_attn(False)`` before building) gives the explicit softmax, which is also what
+    FLOP counters see in full.
     """
+
+    size_bias: str | None = None   # "mask" | "feature"; None: SIZE_BIAS_BY_DEVICE[device type]
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None,
                 metric: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -48,18 +57,68 @@ class MergingAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = None if size is None else size.log().to(q.dtype).view(B, 1, 1, N)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if self.fused_attn and size is not None and _size_bias_form(self.size_bias, q) == "feature":
+            x = size_bias_attention(q, k, v, size.view(B, N), self.scale, dropout_p)
+        elif self.fused_attn:
+            bias = None if size is None else size.log().to(q.dtype).view(B, 1, 1, N)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = attn + bias
+            if size is not None:
+                attn = attn + size.log().to(q.dtype).view(B, 1, 1, N)
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.proj_drop(self.proj(self.norm(x)))
         return x, k.mean(1) if metric else None
+
+
+# The proportional-attention form each device runs by default, chosen by a same-run measurement
+# (scripts/benchmark.py --attention mask feature; README "Speed"). CPU: the mask, since PyTorch's CPU
+# flash kernel takes an additive mask at no extra cost while a head dim of 65 (or 72, 80) runs it
+# 2-3x slower. CUDA: not measured yet (no GPU lent), so the mask stays until a measurement says otherwise.
+SIZE_BIAS_BY_DEVICE: dict[str, str] = {"cpu": "mask", "cuda": "mask"}
+SIZE_BIAS_FORMS = ("mask", "feature")
+
+
+def _size_bias_form(requested: str | None, q: torch.Tensor) -> str:
+    form = requested or SIZE_BIAS_BY_DEVICE.get(q.device.type, "mask")
+    if form not in SIZE_BIAS_FORMS:
+        raise ValueError(f"size_bias must be one of {SIZE_BIAS_FORMS} or None, got {form!r}")
+    return form
+
+
+def size_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, scale: float,
+                        dropout_p: float = 0.0, multiple: int | None = None) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale + log(size_k)) v`` through ``scaled_dot_product_attention`` with no mask.
+
+    ``q``, ``k``, ``v``: B×H×N×D; ``size``: B×N (tokens per key). q gains a constant feature 1 and k
+    gains ``log(size) / scale``, so the extra product, scaled by the kernel's ``scale``, is exactly
+    ``log(size_k)``. v is zero-padded to the same width (kernels want one head dim) and the output
+    sliced back to D. ``multiple`` rounds the width up (default: 8 on CUDA, where the flash kernel
+    works on multiples of 8; none on CPU).
+    """
+    B, H, N, D = q.shape
+    if multiple is None:
+        multiple = 8 if q.is_cuda else 1
+    pad = -(D + 1) % multiple
+    one = q.new_ones(()).expand(B, H, N, 1)
+    key_bias = (size.log() / scale).to(k.dtype).view(B, 1, N, 1).expand(B, H, N, 1)
+    q = F.pad(torch.cat([q, one], dim=-1), (0, pad))
+    k = F.pad(torch.cat([k, key_bias], dim=-1), (0, pad))
+    v = F.pad(v, (0, 1 + pad))
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)[..., :D]
+
+
+def set_size_bias(model: nn.Module, form: str | None) -> nn.Module:
+    """Run proportional attention of every ``MergingAttention`` of ``model`` as ``"mask"`` or ``"feature"``
+    (``None``: the device's default, ``SIZE_BIAS_BY_DEVICE``). Same results; only the speed differs."""
+    if form is not None and form not in SIZE_BIAS_FORMS:
+        raise ValueError(f"size_bias must be one of {SIZE_BIAS_FORMS} or None, got {form!r}")
+    for module in model.modules():
+        if isinstance(module, MergingAttention):
+            module.size_bias = form
+    return model
 
 
 class MergingBlock(Block):
