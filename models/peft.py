@@ -1,7 +1,7 @@
 """Parameter-efficient modules as in NOAH (which the official PYRA code uses): LoRA on qkv and an Adapter.
 
-Only these modules, the classification head(s) and PYRA train; the backbone stays frozen
-(NOAH, Zhang et al. 2022, as in the official PYRA code).
+Only these modules (or the visual prompts of ``models.prompt``), the classification head(s) and PYRA
+train; the backbone stays frozen (NOAH, Zhang et al. 2022, as in the official PYRA code).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ __all__ = [
     "add_lora", "add_adapters", "init_peft", "fold_lora", "param_category", "mark_trainable", "param_report",
 ]
 
-PEFT_TYPES = ("lora", "adapter", "none", "full")
-PARAM_CATEGORIES = ("backbone", "lora", "adapter", "pyra", "head")
+PEFT_TYPES = ("lora", "adapter", "prompt", "none", "full")
+PARAM_CATEGORIES = ("backbone", "lora", "adapter", "prompt", "pyra", "head")
 
 class QuickGELU(nn.Module):
     """CLIP's GELU approximation ``x·σ(1.702x)``, used by the NOAH adapter."""
@@ -144,6 +144,8 @@ def param_category(name: str) -> str:
         return "lora"
     if ".adapter." in name:
         return "adapter"
+    if name.startswith("prompt."):
+        return "prompt"
     if ".pyra." in name:
         return "pyra"
     if name.startswith(("head.", "head_dist.")):
@@ -152,7 +154,7 @@ def param_category(name: str) -> str:
 
 
 def mark_trainable(model: nn.Module, peft: str) -> None:
-    """Freeze the backbone (unless ``full``); PEFT modules, head(s) and PYRA train."""
+    """Freeze the backbone (unless ``full``); PEFT modules (or prompts), head(s) and PYRA train."""
     if peft not in PEFT_TYPES:
         raise ValueError(f"unknown PEFT type {peft!r}; expected one of {PEFT_TYPES}")
     for name, param in model.named_parameters():

@@ -28,35 +28,43 @@ def bipartite_soft_matching(
         r: int,
         class_token: bool = False,
         distill_token: bool = False,
+        protected: int | None = None,
 ) -> tuple[MergeFn, MergeFn]:
     """Match the ``r`` most similar (even, odd) token pairs of ``metric`` (B×N×C); return (merge, unmerge).
 
     Even positions form set A, odd positions set B. Each A token picks its most similar B token
-    (cosine); the ``r`` A tokens with the best scores merge into their picks, best first. The class
-    token (position 0) never merges and a distillation token (position 1) never receives. ``r`` is
-    clamped to half the unprotected tokens; at 0 both closures are the identity. Output order:
-    ``[unmerged A, B]``, or ``[cls, dist, rest of A, rest of B]`` with a distillation token.
+    (cosine); the ``r`` A tokens with the best scores merge into their picks, best first. The first
+    ``protected`` tokens (default: the class token and a distillation token, as in ToMe; with visual
+    prompts also the prompts that follow them) never merge and never receive: those in A get no
+    score, those in B are never picked, so they take no part in the bipartite split, and they keep
+    their positions. ``r`` is clamped to half the unprotected tokens; at 0 both closures are the
+    identity. Output order: ``[unmerged A, B]``, or ``[protected, rest of A, rest of B]``.
     """
-    protected = int(class_token) + int(distill_token)
+    if distill_token and not class_token:
+        raise ValueError("a distillation token follows the class token: distill_token needs class_token")
+    tome_protected = int(class_token) + int(distill_token)
+    if protected is None:
+        protected = tome_protected
+    elif protected < tome_protected:
+        raise ValueError(f"protected={protected} leaves the class/distillation token unprotected")
     r = min(r, (metric.shape[1] - protected) // 2)
     if r <= 0:
         return do_nothing, do_nothing
+    protected_a, protected_b = (protected + 1) // 2, protected // 2  # at even / odd positions
 
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         scores = a @ b.transpose(-1, -2)
-        if class_token:
-            scores[..., 0, :] = -math.inf
-        if distill_token:
-            scores[..., :, 0] = -math.inf
+        scores[..., :protected_a, :] = -math.inf   # ToMe's class token: row 0
+        scores[..., :, :protected_b] = -math.inf   # ToMe's distillation token: column 0
         node_max, node_idx = scores.max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
         unm_idx = edge_idx[..., r:, :]   # A tokens that stay
         src_idx = edge_idx[..., :r, :]   # A tokens that merge, best score first
         dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-        if class_token:
-            unm_idx = unm_idx.sort(dim=1)[0]  # keeps the class token first
+        if protected:
+            unm_idx = unm_idx.sort(dim=1)[0]  # keeps the protected A tokens first
 
     def merge(x: torch.Tensor, mode: str = "mean", pyra: ReactivateFn | None = None) -> torch.Tensor:
         src, dst = x[..., ::2, :], x[..., 1::2, :]
@@ -66,18 +74,20 @@ def bipartite_soft_matching(
         if pyra is not None:
             src = pyra(src, dst.gather(dim=-2, index=dst_idx.expand(n, r, c)))
         dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-        if distill_token:
-            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        if protected > 1:  # protected tokens lead unm and dst, untouched: put them back in their order
+            return torch.cat([x[..., :protected, :], unm[..., protected_a:, :], dst[..., protected_b:, :]], dim=1)
         return torch.cat([unm, dst], dim=1)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
-        unm_len = unm_idx.shape[1]
-        unm, dst = x[..., :unm_len, :], x[..., unm_len:, :]
+        lead, x = x[..., :protected, :], x[..., protected:, :]
+        unm_len = unm_idx.shape[1] - protected_a
+        unm = torch.cat([lead[..., ::2, :], x[..., :unm_len, :]], dim=1)   # merge's [unmerged A, B] layout
+        dst = torch.cat([lead[..., 1::2, :], x[..., unm_len:, :]], dim=1)
         n, _, c = unm.shape
         src = dst.gather(dim=-2, index=dst_idx.expand(n, r, c))
         out = torch.zeros(n, metric.shape[1], c, device=x.device, dtype=x.dtype)
         out[..., 1::2, :] = dst
-        out.scatter_(dim=-2, index=(2 * unm_idx).expand(n, unm_len, c), src=unm)
+        out.scatter_(dim=-2, index=(2 * unm_idx).expand(n, unm_idx.shape[1], c), src=unm)
         out.scatter_(dim=-2, index=(2 * src_idx).expand(n, r, c), src=src)
         return out
 

@@ -5,7 +5,9 @@ attention) and returns the mean key as the matching metric, and blocks merge ``r
 attention and MLP, carrying ``(x, size, source)`` explicitly. timm's ``forward_features``,
 ``forward_head``, ``forward_intermediates``, ``get_intermediate_layers``, ``reset_classifier`` and
 ``set_grad_checkpointing`` keep working on the patched model (on merged tokens). PEFT
-(``models.peft``) and PYRA (``add_pyra``) are added by their own functions; ``create_model`` composes them.
+(``models.peft``), visual prompts (``models.prompt``) and PYRA (``add_pyra``) are added by their own
+functions; ``create_model`` composes them. The class token, a distillation token and the prompts are
+*protected*: they lead the sequence, never merge and keep their positions.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backbones import get_backbone, named_schedule
 from .peft import PEFT_TYPES, add_adapters, add_lora, init_peft, mark_trainable
+from .prompt import DEFAULT_PROMPT_LENGTH, PROMPT_MODES, add_prompts
 from .pyra import PYRA
 from .tome import Schedule, bipartite_soft_matching, clamp_schedule, merge_source, merge_wavg, parse_r
 
@@ -133,8 +136,7 @@ class MergingBlock(Block):
     r: int = 0
     prop_attn: bool = True
     trace_source: bool = False
-    class_token: bool = True
-    distill_token: bool = False
+    protected: int = 1   # leading tokens that never merge: class (+ distillation) token (+ prompts)
 
     def forward(
             self, x: torch.Tensor, size: torch.Tensor | None = None, source: torch.Tensor | None = None,
@@ -142,7 +144,7 @@ class MergingBlock(Block):
         x_attn, metric = self.attn(self.norm1(x), size if self.prop_attn else None, metric=self.r > 0)
         x = x + self.drop_path1(self.ls1(x_attn))
         if self.r > 0:
-            merge, _ = bipartite_soft_matching(metric, self.r, self.class_token, self.distill_token)
+            merge, _ = bipartite_soft_matching(metric, self.r, protected=self.protected)
             if self.trace_source:
                 source = merge_source(merge, x, source)
             x, size = merge_wavg(merge, x, size, pyra=getattr(self, "pyra", None))
@@ -190,14 +192,37 @@ class TokenMergingMixin:
         for block in self.blocks:
             block.trace_source = bool(value)
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Visual prompt tokens after the class/distillation token (0 without prompts)."""
+        prompt = getattr(self, "prompt", None)
+        return 0 if prompt is None else prompt.num_tokens
+
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
+    def _block_input(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Prompts inserted before block 0 and, if deep, replaced by block ``layer``'s own before later blocks."""
+        prompt = getattr(self, "prompt", None)
+        return x if prompt is None else prompt(x, layer)
+
+    def _drop_prompts(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.num_prompt_tokens
+        if not p:
+            return x
+        o = self.num_prefix_tokens
+        return torch.cat([x[:, :o], x[:, o + p:]], dim=1)
+
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Tokens after the final norm, their sizes (B×N×1; None if nothing merged) and the source map."""
+        """Tokens after the final norm, their sizes (B×N×1; None if nothing merged) and the source map.
+
+        With prompts the tokens are ``[cls, (dist), prompts, patch tokens]``; each prompt stays its own
+        and only source.
+        """
         x = self._stem(x)
         size = source = None
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            x = self._block_input(x, i)
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 x, size, source = checkpoint(block, x, size, source, use_reentrant=False)
             else:
@@ -211,10 +236,15 @@ class TokenMergingMixin:
         return self.forward_tokens(x)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None) -> torch.Tensor:
-        """timm's ``forward_head``; ``size`` (from ``forward_tokens``) weights merged tokens in average pooling."""
+        """timm's ``forward_head``; ``size`` (from ``forward_tokens``) weights merged tokens in average pooling.
+
+        Prompt tokens are dropped first: no pooling sees them (the class token is read as it is).
+        """
         if size is None and self.global_pool in ("avg", "avgmax") and x.shape[1] != self._num_input_tokens():
             raise ValueError("average pooling of merged tokens needs their sizes: call model(x), or "
                              "forward_head(x, size=size) with (x, size, _) = model.forward_tokens(images)")
+        x = self._drop_prompts(x)
+        size = None if size is None else self._drop_prompts(size)
         if size is not None and self.global_pool == "avg" and self.attn_pool is None:
             skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
             x = (x[:, skip:] * size[:, skip:]).sum(dim=1) / size[:, skip:].sum(dim=1)
@@ -230,7 +260,8 @@ class TokenMergingMixin:
         return self.forward_head(x, size=size)
 
     def _num_input_tokens(self) -> int:
-        return self.patch_embed.num_patches + self.num_prefix_tokens
+        """Tokens entering block 0: patches, class/distillation token and prompts."""
+        return self.patch_embed.num_patches + self.num_prefix_tokens + self.num_prompt_tokens
 
     def forward_intermediates(
             self,
@@ -245,7 +276,10 @@ class TokenMergingMixin:
             attn_mask: torch.Tensor | None = None,
             is_causal: bool = False,
     ) -> Any:
-        """timm's ``forward_intermediates``; after a merge the intermediates are merged tokens (``'NLC'`` only)."""
+        """timm's ``forward_intermediates``; after a merge the intermediates are merged tokens (``'NLC'`` only).
+
+        Prompt tokens are in neither the intermediates nor the prefix tokens (class/distillation token).
+        """
         _no_mask(attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
@@ -258,11 +292,12 @@ class TokenMergingMixin:
         size = source = None
         intermediates = []
         for i, block in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
+            x = self._block_input(x, i)
             x, size, source = block(x, size, source)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
         prefix = [y[:, :self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens + self.num_prompt_tokens:] for y in intermediates]
         if output_fmt == "NCHW":
             h, w = self.patch_embed.dynamic_feat_size((height, width))
             intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
@@ -311,13 +346,13 @@ def apply_patch(model: VisionTransformer, trace_source: bool = False, prop_attn:
         if getattr(block.attn, "gate", None) is not None:
             raise TypeError("gated attention is not supported by token merging")
     model.__class__ = _patched_class(type(model))
-    distill_token = getattr(model, "dist_token", None) is not None
+    protected = (int(model.cls_token is not None) + int(getattr(model, "dist_token", None) is not None)
+                 + model.num_prompt_tokens)
     for block in model.blocks:
         block.__class__ = MergingBlock
         block.attn.__class__ = MergingAttention
         block.r = 0
-        block.class_token = model.cls_token is not None
-        block.distill_token = distill_token
+        block.protected = protected
     model.prop_attn = prop_attn
     model.trace_source = trace_source
     return model
@@ -333,9 +368,11 @@ def resolve_schedule(merging: Merging, backbone: str, depth: int) -> list[int]:
 
 
 def effective_schedule(model: VisionTransformer, schedule: Sequence[int]) -> list[int]:
-    """``schedule`` as the matching will really apply it to this model's token count (clamped per layer)."""
-    block = model.blocks[0]
-    return clamp_schedule(schedule, model._num_input_tokens(), int(block.class_token) + int(block.distill_token))
+    """``schedule`` as the matching will really apply it to this model's token count (clamped per layer).
+
+    Only unprotected tokens count: prompts add tokens to every layer but never room to merge.
+    """
+    return clamp_schedule(schedule, model._num_input_tokens(), model.blocks[0].protected)
 
 
 def add_pyra(model: VisionTransformer) -> None:
@@ -368,6 +405,7 @@ def create_model(
         peft_dim: int | None = None,
         peft_dropout: float = 0.1,
         peft_init: str = "official",
+        prompt_mode: str = "shallow",
         merging: Merging = None,
         pyra: bool = False,
         prop_attn: bool = True,
@@ -384,31 +422,39 @@ def create_model(
 
     Steps: timm backbone → ``apply_patch`` → PEFT → PEFT init → per-layer schedule (clamped to the
     token count, with a warning) → PYRA → freeze. Weights are random: load a pretrained checkpoint
-    with ``models.load_checkpoint``. Only the PEFT modules, the head(s) and PYRA are trainable
-    (everything for ``peft="full"``). Extra ``kwargs`` go to timm (e.g. ``global_pool``).
+    with ``models.load_checkpoint``. Only the PEFT modules (or prompts), the head(s) and PYRA are
+    trainable (everything for ``peft="full"``). Extra ``kwargs`` go to timm (e.g. ``global_pool``).
+    ``peft="prompt"``: ``peft_dim`` prompt tokens (default 10), ``prompt_mode`` ``"shallow"`` or
+    ``"deep"``, ``peft_dropout`` on the prompts; ``peft_init`` does not apply (VPT's init).
     """
     if peft not in PEFT_TYPES:
         raise ValueError(f"unknown peft {peft!r}; expected one of {PEFT_TYPES}")
+    if prompt_mode not in PROMPT_MODES:
+        raise ValueError(f"unknown prompt_mode {prompt_mode!r}; expected one of {PROMPT_MODES}")
+    if prompt_mode != "shallow" and peft != "prompt":
+        raise ValueError(f"prompt_mode={prompt_mode!r} needs peft='prompt', got peft={peft!r}")
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     common = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, img_size=img_size, **kwargs)
     model, default_dim = _build_backbone(name, common, embed_dim, depth, num_heads, patch_size)
     apply_patch(model, trace_source=trace_source, prop_attn=prop_attn)
 
-    dim = default_dim if peft_dim is None else peft_dim
-    if peft in ("lora", "adapter") and dim <= 0:
+    dim = (DEFAULT_PROMPT_LENGTH if peft == "prompt" else default_dim) if peft_dim is None else peft_dim
+    if peft in ("lora", "adapter", "prompt") and dim <= 0:
         raise ValueError(f"peft_dim must be positive, got {dim}")
     if peft == "lora":
         add_lora(model, dim, peft_dropout)
     elif peft == "adapter":
         add_adapters(model, dim, peft_dropout)
+    elif peft == "prompt":
+        add_prompts(model, dim, prompt_mode, peft_dropout)
     init_peft(model, peft_init)
 
     requested = resolve_schedule(merging, name, len(model.blocks))
     schedule = effective_schedule(model, requested)
     if schedule != requested:
         warnings.warn(f"merging schedule {requested} asks for more tokens than the "
-                      f"{model.patch_embed.num_patches + model.num_prefix_tokens} inputs hold; "
+                      f"{model._num_input_tokens()} inputs ({model.blocks[0].protected} protected) hold; "
                       f"per layer it becomes {schedule}", stacklevel=2)
     model.r = schedule
     if pyra:
