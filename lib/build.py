@@ -22,6 +22,8 @@ def model_kwargs(cfg: Any) -> dict[str, Any]:
         peft=cfg.peft.type, peft_dim=cfg.peft.dim, peft_dropout=cfg.peft.dropout, peft_init=cfg.peft.init,
         merging=cfg.merging.r, pyra=cfg.merging.pyra, prop_attn=cfg.merging.prop_attn,
         drop_path_rate=m.drop_path_rate, img_size=m.img_size)
+    if cfg.peft.type == "prompt":
+        kwargs["prompt_mode"] = getattr(cfg.peft, "prompt_mode", "shallow")
     if m.name == "vit":
         kwargs.update(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
     if m.global_pool:
