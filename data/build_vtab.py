@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 from PIL import Image
 
@@ -41,7 +45,7 @@ from data.vtab_splits import (
 
 __all__ = ["write_split", "write_list", "write_task", "plan_splits", "tfds_examples", "build_task", "main"]
 
-Example = Tuple[Any, int]
+Example = tuple[Any, int]
 REQUIREMENTS = "data/requirements-vtab.txt"
 SOURCE_FILE = "source.json"
 SOURCE_FORMAT = "pyra-vtab-source/1"
@@ -49,38 +53,54 @@ READ_ORDER = "on-disk order: shuffle_files=False, tfds.ReadConfig(interleave_cyc
 _FORMATS = {"jpg": {"format": "JPEG", "quality": 95}, "png": {"format": "PNG"}}
 
 
-def write_split(task_dir: Union[str, Path], split: str, examples: Iterable[Example], image_format: str = "jpg",
-                num_classes: Optional[int] = None) -> List[Tuple[str, int]]:
+def _save_image(pixels: Any, path: Path, image_format: str) -> None:
+    Image.fromarray(pixels, mode="RGB").save(path, **_FORMATS[image_format])
+
+
+def write_split(task_dir: str | Path, split: str, examples: Iterable[Example], image_format: str = "jpg",
+                num_classes: int | None = None, workers: int | None = None) -> list[tuple[str, int]]:
     """Save ``examples`` as ``images/<split>/NNNNNN.<ext>`` and return their ``(relative path, label)``.
 
-    Images are written at native resolution; grey ones are tiled to RGB. JPEG uses quality 95.
+    Images are written at native resolution; grey ones are tiled to RGB. JPEG uses quality 95. Encoding
+    and writing run on ``workers`` threads (default: up to 4, one per CPU); names follow the input order.
     """
     if image_format not in _FORMATS:
         raise ValueError(f"image_format must be one of {sorted(_FORMATS)}, got {image_format!r}")
     task_dir = Path(task_dir)
     (task_dir / "images" / split).mkdir(parents=True, exist_ok=True)
-    entries: List[Tuple[str, int]] = []
-    for index, (image, label) in enumerate(examples):
-        label = int(label)
-        if num_classes is not None and not 0 <= label < num_classes:
-            raise ValueError(f"{split} example {index}: label {label} outside [0, {num_classes})")
-        rel = f"images/{split}/{index:06d}.{image_format}"
-        Image.fromarray(to_rgb_uint8(image), mode="RGB").save(task_dir / rel, **_FORMATS[image_format])
-        entries.append((rel, label))
+    workers = workers or min(4, os.cpu_count() or 1)
+    entries: list[tuple[str, int]] = []
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for index, (image, label) in enumerate(examples):
+                label = int(label)
+                if num_classes is not None and not 0 <= label < num_classes:
+                    raise ValueError(f"{split} example {index}: label {label} outside [0, {num_classes})")
+                rel = f"images/{split}/{index:06d}.{image_format}"
+                pending.append(pool.submit(_save_image, to_rgb_uint8(image), task_dir / rel, image_format))
+                entries.append((rel, label))
+                while len(pending) > 8 * workers:  # bounded memory; surfaces a failed write early
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
     return entries
 
 
-def write_list(task_dir: Union[str, Path], split: str, entries: Sequence[Tuple[str, int]]) -> Path:
+def write_list(task_dir: str | Path, split: str, entries: Sequence[tuple[str, int]]) -> Path:
     """Write ``<task_dir>/<split>.txt``, one ``<path> <label>`` line per entry."""
     path = list_file(task_dir, split)
     path.write_text("".join(format_list_line(rel, label) + "\n" for rel, label in entries), encoding="utf-8")
     return path
 
 
-def write_task(task_dir: Union[str, Path], splits: Mapping[str, Iterable[Example]], image_format: str = "jpg",
-               num_classes: Optional[int] = None, expected_sizes: Optional[Mapping[str, int]] = None,
-               overwrite: bool = False, source: Optional[Mapping[str, Any]] = None,
-               ) -> Dict[str, List[Tuple[str, int]]]:
+def write_task(task_dir: str | Path, splits: Mapping[str, Iterable[Example]], image_format: str = "jpg",
+               num_classes: int | None = None, expected_sizes: Mapping[str, int] | None = None,
+               overwrite: bool = False, source: Mapping[str, Any] | None = None,
+               ) -> dict[str, list[tuple[str, int]]]:
     """Write a complete VTAB-1k task folder from per-split example iterables.
 
     ``splits`` holds ``train800``, ``val200`` and ``test`` (other names are written too);
@@ -116,9 +136,9 @@ def write_task(task_dir: Union[str, Path], splits: Mapping[str, Iterable[Example
 
 
 def _write_splits(partial: Path, splits: Mapping[str, Iterable[Example]], image_format: str,
-                  num_classes: Optional[int], expected: Mapping[str, int]) -> Dict[str, List[Tuple[str, int]]]:
+                  num_classes: int | None, expected: Mapping[str, int]) -> dict[str, list[tuple[str, int]]]:
     name = partial.name[: -len(".partial")]
-    lists: Dict[str, List[Tuple[str, int]]] = {}
+    lists: dict[str, list[tuple[str, int]]] = {}
     for split, examples in splits.items():
         lists[split] = write_split(partial, split, examples, image_format, num_classes)
     lists["train800val200"] = lists["train800"] + lists["val200"]
@@ -153,7 +173,7 @@ def _import_tfds() -> Any:
     return tfds
 
 
-def _builder(tfds: Any, spec: TaskSpec, tfds_dir: Optional[str], manual_dir: Optional[str],
+def _builder(tfds: Any, spec: TaskSpec, tfds_dir: str | None, manual_dir: str | None,
              latest_versions: bool, download: bool) -> Any:
     name = spec.tfds_name if latest_versions else f"{spec.tfds_name}:{spec.tfds_version}"
     try:
@@ -174,11 +194,11 @@ def _builder(tfds: Any, spec: TaskSpec, tfds_dir: Optional[str], manual_dir: Opt
     return builder
 
 
-def _split_sizes(builder: Any) -> Dict[str, int]:
+def _split_sizes(builder: Any) -> dict[str, int]:
     return {str(name): int(info.num_examples) for name, info in builder.info.splits.items()}
 
 
-def plan_splits(builder: Any, spec: TaskSpec) -> Dict[str, Tuple[str, int]]:
+def plan_splits(builder: Any, spec: TaskSpec) -> dict[str, tuple[str, int]]:
     """Absolute TFDS slice and example count of each VTAB-1k split, from TFDS's split info.
 
     Raises ``ValueError`` (before anything is read or written) when a split is missing or a slice does not
@@ -186,7 +206,7 @@ def plan_splits(builder: Any, spec: TaskSpec) -> Dict[str, Tuple[str, int]]:
     """
     sizes = _split_sizes(builder)
     version = getattr(builder.info, "version", "?")
-    plan: Dict[str, Tuple[str, int]] = {}
+    plan: dict[str, tuple[str, int]] = {}
     for split, split_spec in spec.splits.items():
         base = resolve_split(split_spec, 0)[0]
         if base not in sizes:
@@ -206,25 +226,66 @@ def plan_splits(builder: Any, spec: TaskSpec) -> Dict[str, Tuple[str, int]]:
     return plan
 
 
+def _tensor_infos(tree: Any) -> Iterator[Any]:
+    if isinstance(tree, Mapping):
+        for value in tree.values():
+            yield from _tensor_infos(value)
+    else:
+        yield tree
+
+
+def _fixed_shapes(builder: Any) -> bool:
+    """True when every feature has a fully known shape (dSprites' 64x64x1 images, ...): batches need no padding."""
+    features = getattr(builder.info, "features", None)
+    if features is None or not hasattr(features, "get_tensor_info"):
+        return False
+    try:
+        return all(None not in tuple(info.shape) for info in _tensor_infos(features.get_tensor_info()))
+    except (TypeError, AttributeError):
+        return False
+
+
+def _unbatch(batch: Any, size: int) -> Iterator[Any]:
+    def pick(tree: Any, row: int) -> Any:
+        return {key: pick(value, row) for key, value in tree.items()} if isinstance(tree, Mapping) else tree[row]
+    for row in range(size):
+        yield pick(batch, row)
+
+
+READ_BATCH = 256
+
+
 def tfds_examples(builder: Any, spec: TaskSpec, split: str) -> Iterator[Example]:
     """(image, label) of one VTAB-1k split of ``spec``, in TFDS's on-disk order.
 
     The slice is read with ``shuffle_files=False`` and ``tfds.ReadConfig(interleave_cycle_length=1)``: the
     shard files are read one after another, so the examples come in the order they are stored, the same on
-    every machine (TFDS's default interleave would return the same examples in another order).
+    every machine (TFDS's default interleave would return the same examples in another order). Datasets
+    whose features all have a fixed shape (cifar100, svhn, patch_camelyon, eurosat, resisc45, dmlab,
+    dsprites, smallnorb) are read in batches of 256, which pads nothing and keeps the order; it only saves
+    TensorFlow's per-example overhead.
     """
     tfds = _import_tfds()
     split_spec = spec.splits[split]
     base = resolve_split(split_spec, 0)[0]
     num_examples = builder.info.splits[base].num_examples
-    dataset = builder.as_dataset(split=split_to_tfds(split_spec, num_examples), shuffle_files=False,
-                                 read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    read_config = tfds.ReadConfig(interleave_cycle_length=1)
+    tfds_split = split_to_tfds(split_spec, num_examples)
+    if _fixed_shapes(builder):
+        dataset = builder.as_dataset(split=tfds_split, shuffle_files=False, read_config=read_config,
+                                     batch_size=READ_BATCH)
+        for batch in tfds.as_numpy(dataset):
+            size = len(batch["image"])
+            for record in _unbatch(batch, size):
+                yield spec.example(record)
+        return
+    dataset = builder.as_dataset(split=tfds_split, shuffle_files=False, read_config=read_config)
     for record in tfds.as_numpy(dataset):
         yield spec.example(record)
 
 
-def _source(tfds: Any, builder: Any, spec: TaskSpec, requested: str, plan: Mapping[str, Tuple[str, int]],
-            image_format: str) -> Dict[str, Any]:
+def _source(tfds: Any, builder: Any, spec: TaskSpec, requested: str, plan: Mapping[str, tuple[str, int]],
+            image_format: str) -> dict[str, Any]:
     """What ``source.json`` records: TFDS and dataset versions, the slices and the read order."""
     return {
         "format": SOURCE_FORMAT,
@@ -242,7 +303,7 @@ def _source(tfds: Any, builder: Any, spec: TaskSpec, requested: str, plan: Mappi
     }
 
 
-def build_task(task: str, out: Union[str, Path], tfds_dir: Optional[str] = None, manual_dir: Optional[str] = None,
+def build_task(task: str, out: str | Path, tfds_dir: str | None = None, manual_dir: str | None = None,
                image_format: str = "jpg", overwrite: bool = False, latest_versions: bool = False,
                download: bool = True) -> Path:
     """Read one task from TFDS and write ``<out>/<canonical task>``; returns the task folder.
@@ -269,7 +330,7 @@ def build_task(task: str, out: Union[str, Path], tfds_dir: Optional[str] = None,
     return task_dir
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; builds every requested task, reports failures, and returns 1 if any failed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,7 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RuntimeError as err:
         print(f"[build_vtab] {err}", file=sys.stderr)
         return 1
-    failures: Dict[str, str] = {}
+    failures: dict[str, str] = {}
     for task in args.tasks:
         try:
             path = build_task(task, args.out, args.tfds_dir, args.manual_dir, args.image_format, args.overwrite,

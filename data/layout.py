@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Tuple, Union
 
 from data.vtab_splits import LIST_SPLITS, TASK_ALIASES, canonical_task
 
@@ -15,7 +14,7 @@ __all__ = ["EXPECTED_LAYOUT", "parse_list_line", "format_list_line", "task_dir_c
 EXPECTED_LAYOUT = "<root>/<task>/{" + ",".join(LIST_SPLITS) + "}.txt + <root>/<task>/images/"
 
 
-def parse_list_line(line: str) -> Tuple[str, int]:
+def parse_list_line(line: str) -> tuple[str, int]:
     """``"images/x.jpg 3"`` -> ``("images/x.jpg", 3)``; the label is the last field so paths may hold spaces."""
     parts = line.strip().rsplit(None, 1)
     if len(parts) != 2:
@@ -33,16 +32,16 @@ def format_list_line(path: str, label: int) -> str:
     return f"{path} {int(label)}"
 
 
-def list_file(task_dir: Union[str, Path], split: str) -> Path:
+def list_file(task_dir: str | Path, split: str) -> Path:
     """Path of a split's list file."""
     return Path(task_dir) / f"{split}.txt"
 
 
-def task_dir_candidates(root: Union[str, Path], task: str) -> List[Path]:
+def task_dir_candidates(root: str | Path, task: str) -> list[Path]:
     """Folders a task may live in: the name as given, its canonical name, then every alias of it."""
     canon = canonical_task(task)
     names = [str(task), canon] + [alias for alias, target in TASK_ALIASES.items() if target == canon]
-    seen: List[Path] = []
+    seen: list[Path] = []
     for name in names:
         path = Path(root) / name
         if path not in seen:

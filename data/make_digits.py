@@ -9,8 +9,8 @@ train800 / val200 / train800val200 / test (the remaining 797).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def _complete(task_dir: Path) -> bool:
     return True
 
 
-def write_digits(root: Union[str, Path] = "data/demo", task: str = "digits") -> Path:
+def write_digits(root: str | Path = "data/demo", task: str = "digits") -> Path:
     """Write (or keep, if already complete) ``<root>/<task>`` in the VTAB-1k layout; returns the folder."""
     task_dir = Path(root) / task
     if _complete(task_dir):
@@ -64,7 +64,7 @@ def write_digits(root: Union[str, Path] = "data/demo", task: str = "digits") -> 
     return task_dir
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="data/demo", help="output root (default: data/demo)")

@@ -17,10 +17,11 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 from PIL import Image
 
@@ -31,7 +32,7 @@ __all__ = ["SplitStats", "Report", "verify_task", "verify_root", "write_manifest
 
 MANIFEST_FORMAT = "pyra-vtab-manifest/1"
 SOURCE_FILE = "source.json"  # written by data.build_vtab
-Entry = Tuple[int, str, int]  # (line number, relative path, label)
+Entry = tuple[int, str, int]  # (line number, relative path, label)
 
 
 @dataclass
@@ -39,11 +40,11 @@ class SplitStats:
     """What the manifest records for one list file."""
 
     count: int
-    label_histogram: Dict[int, int]
+    label_histogram: dict[int, int]
     list_sha256: str
     images_sha256: str
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"count": self.count, "label_histogram": {str(k): v for k, v in sorted(self.label_histogram.items())},
                 "list_sha256": self.list_sha256, "images_sha256": self.images_sha256}
 
@@ -54,17 +55,17 @@ class Report:
 
     task: str
     task_dir: str
-    num_classes: Optional[int]
-    problems: List[str] = field(default_factory=list)
-    warnings: List[str] = field(default_factory=list)
-    splits: Dict[str, SplitStats] = field(default_factory=dict)
-    source: Optional[Dict[str, Any]] = None  # source.json of a folder built by data.build_vtab
+    num_classes: int | None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    splits: dict[str, SplitStats] = field(default_factory=dict)
+    source: dict[str, Any] | None = None  # source.json of a folder built by data.build_vtab
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"task_dir": self.task_dir, "num_classes": self.num_classes, "ok": self.ok,
                 "problems": list(self.problems), "warnings": list(self.warnings),
                 "source": self.source,
@@ -73,8 +74,8 @@ class Report:
 
 @dataclass
 class _Image:
-    sha256: Optional[str]   # None when the file is missing or unreadable as bytes
-    error: Optional[str]    # None when PIL could read it
+    sha256: str | None   # None when the file is missing or unreadable as bytes
+    error: str | None    # None when PIL could read it
 
 
 def _inspect_image(path: str, deep: bool) -> _Image:
@@ -97,7 +98,7 @@ def _inspect_image(path: str, deep: bool) -> _Image:
     return _Image(digest, None)
 
 
-def _read_entries(path: Path, report: Report) -> Optional[Tuple[List[Entry], str]]:
+def _read_entries(path: Path, report: Report) -> tuple[list[Entry], str] | None:
     """Parse a list file, recording every malformed line; None if the file is absent or undecodable."""
     if not path.is_file():
         report.problems.append(f"missing list file: {path}")
@@ -108,7 +109,7 @@ def _read_entries(path: Path, report: Report) -> Optional[Tuple[List[Entry], str
     except UnicodeDecodeError as err:
         report.problems.append(f"{path}: not UTF-8 text ({err})")
         return None
-    entries: List[Entry] = []
+    entries: list[Entry] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -121,7 +122,7 @@ def _read_entries(path: Path, report: Report) -> Optional[Tuple[List[Entry], str
     return entries, hashlib.sha256(raw).hexdigest()
 
 
-def _read_source(task_dir: Path, report: Report) -> Optional[Dict[str, Any]]:
+def _read_source(task_dir: Path, report: Report) -> dict[str, Any] | None:
     """The builder's ``source.json`` (versions and slices), if the folder has one; unreadable is a warning."""
     path = task_dir / SOURCE_FILE
     if not path.is_file():
@@ -137,7 +138,7 @@ def _read_source(task_dir: Path, report: Report) -> Optional[Dict[str, Any]]:
     return source
 
 
-def _num_classes(task_dir: Path, name: str) -> Optional[int]:
+def _num_classes(task_dir: Path, name: str) -> int | None:
     canon = canonical_task(name)
     if canon in VTAB_TASKS:
         return VTAB_TASKS[canon]
@@ -147,12 +148,12 @@ def _num_classes(task_dir: Path, name: str) -> Optional[int]:
     return None
 
 
-def _check_union(task_dir: Path, lists: Dict[str, List[Entry]], key_of: Dict[str, str], report: Report) -> None:
+def _check_union(task_dir: Path, lists: dict[str, list[Entry]], key_of: dict[str, str], report: Report) -> None:
     """train800val200 must hold exactly the (image, label) pairs of train800 plus val200.
 
     Images are compared by content hash, so a zip whose train800val200 points at copies still passes.
     """
-    union: Dict[Tuple[str, int], List[str]] = defaultdict(list)
+    union: dict[tuple[str, int], list[str]] = defaultdict(list)
     for split in ("train800", "val200"):
         for lineno, rel, label in lists[split]:
             union[(key_of[rel], label)].append(f"{task_dir / (split + '.txt')}:{lineno}: '{rel} {label}'")
@@ -169,8 +170,8 @@ def _check_union(task_dir: Path, lists: Dict[str, List[Entry]], key_of: Dict[str
             report.problems.append(f"{where} is missing from {tv_path} (train800val200 must equal train800 + val200)")
 
 
-def verify_task(task_dir: Union[str, Path], task: Optional[str] = None, deep: bool = False,
-                workers: Optional[int] = None, expected_sizes: Optional[Dict[str, int]] = None) -> Report:
+def verify_task(task_dir: str | Path, task: str | None = None, deep: bool = False,
+                workers: int | None = None, expected_sizes: dict[str, int] | None = None) -> Report:
     """Check one VTAB-1k task folder: list files, split sizes, labels, images, duplicates, union.
 
     ``task`` defaults to the folder name (either spelling); an unknown task has its labels checked
@@ -187,8 +188,8 @@ def verify_task(task_dir: Union[str, Path], task: Optional[str] = None, deep: bo
     expected = dict(EXPECTED_SPLIT_SIZES if expected_sizes is None else expected_sizes)
     report.source = _read_source(task_dir, report)
 
-    lists: Dict[str, List[Entry]] = {}
-    list_sha: Dict[str, str] = {}
+    lists: dict[str, list[Entry]] = {}
+    list_sha: dict[str, str] = {}
     for split in LIST_SPLITS:
         parsed = _read_entries(task_dir / f"{split}.txt", report)
         if parsed is not None:
@@ -211,8 +212,8 @@ def verify_task(task_dir: Union[str, Path], task: Optional[str] = None, deep: bo
     return report
 
 
-def _inspect_all(task_dir: Path, lists: Dict[str, List[Entry]], deep: bool,
-                 workers: Optional[int]) -> Dict[str, _Image]:
+def _inspect_all(task_dir: Path, lists: dict[str, list[Entry]], deep: bool,
+                 workers: int | None) -> dict[str, _Image]:
     rels = sorted({rel for entries in lists.values() for _, rel, _ in entries})
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -220,8 +221,8 @@ def _inspect_all(task_dir: Path, lists: Dict[str, List[Entry]], deep: bool,
         return dict(zip(rels, results))
 
 
-def _check_split(task_dir: Path, split: str, entries: List[Entry], expected: Optional[int], report: Report,
-                 images: Dict[str, _Image]) -> None:
+def _check_split(task_dir: Path, split: str, entries: list[Entry], expected: int | None, report: Report,
+                 images: dict[str, _Image]) -> None:
     path = task_dir / f"{split}.txt"
     if expected is not None and len(entries) != expected:
         report.problems.append(f"{path}: {len(entries)} entries, expected {expected}")
@@ -230,7 +231,7 @@ def _check_split(task_dir: Path, split: str, entries: List[Entry], expected: Opt
     known_test = EXPECTED_TEST_SIZES.get(report.task)
     if split == "test" and entries and known_test is not None and len(entries) != known_test:
         report.warnings.append(f"{path}: {len(entries)} test entries; VTAB's {report.task} test split has {known_test}")
-    first_line: Dict[str, int] = {}
+    first_line: dict[str, int] = {}
     for lineno, rel, label in entries:
         if label < 0 or (report.num_classes is not None and label >= report.num_classes):
             bound = report.num_classes if report.num_classes is not None else "?"
@@ -247,9 +248,9 @@ def _check_split(task_dir: Path, split: str, entries: List[Entry], expected: Opt
             report.problems.append(f"{path}:{lineno}: unreadable image {task_dir / rel}: {info.error}")
 
 
-def _check_overlaps(task_dir: Path, lists: Dict[str, List[Entry]], key_of: Dict[str, str], report: Report) -> None:
+def _check_overlaps(task_dir: Path, lists: dict[str, list[Entry]], key_of: dict[str, str], report: Report) -> None:
     """The same file in two disjoint splits is a problem; identical content in train and test is a warning."""
-    def paths(split: str) -> Dict[str, int]:
+    def paths(split: str) -> dict[str, int]:
         return {rel: lineno for lineno, rel, _ in reversed(lists.get(split, []))}
 
     train_splits = ["train800val200"] if "train800val200" in lists else ["train800", "val200"]
@@ -265,8 +266,8 @@ def _check_overlaps(task_dir: Path, lists: Dict[str, List[Entry]], key_of: Dict[
                                "copies in test")
 
 
-def verify_root(root: Union[str, Path], tasks: Optional[Sequence[str]] = None, deep: bool = False,
-                workers: Optional[int] = None) -> List[Report]:
+def verify_root(root: str | Path, tasks: Sequence[str] | None = None, deep: bool = False,
+                workers: int | None = None) -> list[Report]:
     """Verify ``tasks`` (default: all 19, either spelling) under ``root``, or ``root`` itself if it is a task."""
     root = Path(root)
     if not tasks and any((root / f"{split}.txt").is_file() for split in LIST_SPLITS):
@@ -285,7 +286,7 @@ def verify_root(root: Union[str, Path], tasks: Optional[Sequence[str]] = None, d
     return reports
 
 
-def write_manifest(reports: Sequence[Report], path: Union[str, Path], root: Union[str, Path, None] = None) -> Path:
+def write_manifest(reports: Sequence[Report], path: str | Path, root: str | Path | None = None) -> Path:
     """JSON manifest: per task and split the count, label histogram, list sha256 and image checksum."""
     path = Path(path)
     if path.parent != Path(""):
@@ -296,7 +297,7 @@ def write_manifest(reports: Sequence[Report], path: Union[str, Path], root: Unio
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; prints one line per problem and returns 1 if there was any."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="VTAB-1k root (holding task folders) or a single task folder")

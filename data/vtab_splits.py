@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ __all__ = [
 ]
 
 # Canonical names are the folder names of the widely shared VTAB-1k zip (NOAH), in the official order.
-VTAB_TASKS: Dict[str, int] = {
+VTAB_TASKS: dict[str, int] = {
     "cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37,
     "svhn": 10, "sun397": 397,
     "patch_camelyon": 2, "eurosat": 10, "resisc45": 45, "diabetic_retinopathy": 5,
@@ -29,7 +30,7 @@ VTAB_TASKS: Dict[str, int] = {
     "smallnorb_azi": 18, "smallnorb_ele": 9,
 }
 
-VTAB_GROUPS: Dict[str, List[str]] = {
+VTAB_GROUPS: dict[str, list[str]] = {
     "Natural": ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"],
     "Specialized": ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"],
     "Structured": ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
@@ -37,7 +38,7 @@ VTAB_GROUPS: Dict[str, List[str]] = {
 }
 
 # The paper's table names (cifar100, oxford_pet) and TFDS-style names map onto the folder names.
-TASK_ALIASES: Dict[str, str] = {
+TASK_ALIASES: dict[str, str] = {
     "cifar100": "cifar",
     "oxford_pet": "oxford_iiit_pet",
     "oxford_pets": "oxford_iiit_pet",
@@ -50,12 +51,12 @@ TASK_ALIASES: Dict[str, str] = {
 }
 
 # Split files of a VTAB-1k task folder, in the order they are written and checked.
-LIST_SPLITS: Tuple[str, ...] = ("train800", "val200", "train800val200", "test")
-EXPECTED_SPLIT_SIZES: Dict[str, int] = {"train800": 800, "val200": 200, "train800val200": 1000}
+LIST_SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
+EXPECTED_SPLIT_SIZES: dict[str, int] = {"train800": 800, "val200": 200, "train800val200": 1000}
 
 # Test-set sizes the splits below give with the TFDS versions VTAB used; a mismatch is worth a warning,
 # not an error (a newer TFDS version may differ).
-EXPECTED_TEST_SIZES: Dict[str, int] = {
+EXPECTED_TEST_SIZES: dict[str, int] = {
     "cifar": 10000, "caltech101": 6084, "dtd": 1880, "oxford_flowers102": 6149, "oxford_iiit_pet": 3669,
     "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768, "eurosat": 5400, "resisc45": 6300,
     "diabetic_retinopathy": 42670, "clevr_count": 15000, "clevr_dist": 15000, "dmlab": 22735, "kitti": 711,
@@ -94,7 +95,7 @@ def _bound(text: str, n: int, default: int) -> int:
     return min(max(value, 0), n)
 
 
-def resolve_split(spec: str, num_examples: int) -> Tuple[str, int, int]:
+def resolve_split(spec: str, num_examples: int) -> tuple[str, int, int]:
     """Resolve a split string against a split of ``num_examples`` to ``(name, start, stop)``.
 
     ``train[90%:+200]`` on 1000 examples gives ``("train", 900, 1000)``: bounds are clamped to the
@@ -225,11 +226,11 @@ class TaskSpec:
     name: str                                   # canonical folder name
     tfds_name: str                              # builder name, with config ("sun397/tfds")
     tfds_version: str                           # version pattern read by default (VTAB's where TFDS has it)
-    splits: Dict[str, str]                      # train800 / val200 / test -> split string
+    splits: dict[str, str]                      # train800 / val200 / test -> split string
     label: Callable[[Mapping[str, Any]], int]
     image_scale: float = 1.0                    # dSprites stores {0, 1}
-    manual: Optional[str] = None                # what must be downloaded by hand, if anything
-    vtab_version: Optional[str] = None          # task_adaptation's pattern, when it differs from tfds_version
+    manual: str | None = None                # what must be downloaded by hand, if anything
+    vtab_version: str | None = None          # task_adaptation's pattern, when it differs from tfds_version
 
     @property
     def vtab_pattern(self) -> str:
@@ -244,7 +245,7 @@ class TaskSpec:
         """The record's image as HxWx3 uint8 at native resolution."""
         return to_rgb_uint8(record["image"], self.image_scale)
 
-    def example(self, record: Mapping[str, Any]) -> Tuple[np.ndarray, int]:
+    def example(self, record: Mapping[str, Any]) -> tuple[np.ndarray, int]:
         """(image, label) with the label checked against the class count."""
         label = int(self.label(record))
         if not 0 <= label < self.num_classes:
@@ -259,7 +260,7 @@ def _key(name: str) -> Callable[[Mapping[str, Any]], int]:
     return label
 
 
-def _splits(train: str, val: str, test: str) -> Dict[str, str]:
+def _splits(train: str, val: str, test: str) -> dict[str, str]:
     return {"train800": train, "val200": val, "test": test}
 
 
@@ -280,7 +281,7 @@ _RETINO_MANUAL = (
     "btgraham-300 preprocessing needs OpenCV (in data/requirements-vtab.txt)."
 )
 
-TASK_SPECS: Dict[str, TaskSpec] = {
+TASK_SPECS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in [
         TaskSpec("cifar", "cifar100", "3.*.*", _splits("train[:800]", "train[45000:45200]", "test"), _key("label")),
