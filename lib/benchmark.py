@@ -1,8 +1,12 @@
-"""Efficiency measurements with the paper's conventions (facts §7): fvcore FLOPs and images/second.
+"""Efficiency measurements with the paper's conventions: fvcore FLOPs and images/second.
 
-fvcore counts one multiply-add as one FLOP; the official code prints that total / 2³⁰ as "GFLOPS".
-Also here: the machine's matmul peak and the efficiency against it, the time of one training step and
-the peak memory of training steps, for ``scripts/benchmark.py``.
+Units: fvcore counts one multiply-add as one FLOP (the official code prints that total / 2³⁰ as
+"GFLOPS"); ``torch.utils.flop_counter.FlopCounterMode`` counts a multiply-add as two FLOPs. Neither sees
+the work inside PyTorch's fused CPU attention kernel; ``count_flops`` adds it (``sdpa_flop_jit``) and
+``flop_counts`` reports the three numbers side by side. Also here: the machine's matmul peak and the
+efficiency against it, the time of one training step and the peak memory of training steps, the SDPA
+backend each attention call ran, and the end-to-end rate through the project's data path, for
+``scripts/benchmark.py``.
 """
 from __future__ import annotations
 
@@ -24,9 +28,10 @@ import torch.nn.functional as F
 
 from .engine import autocast_ctx
 
-__all__ = ["count_flops", "sdpa_flop_jit", "measure_throughput", "merged_speedup", "tokens_per_layer", "time_fn",
-           "autocast_ctx", "efficiency", "matmul_peak", "make_train_step", "measure_train_step", "peak_memory_mb",
-           "device_name", "tune_cpu_allocator", "profile_table", "flops_by_block", "time_blocks"]
+__all__ = ["count_flops", "flop_counts", "sdpa_flop_jit", "measure_throughput", "merged_speedup", "tokens_per_layer",
+           "time_fn", "autocast_ctx", "efficiency", "matmul_peak", "make_train_step", "measure_train_step",
+           "peak_memory_mb", "device_name", "tune_cpu_allocator", "profile_table", "flops_by_block", "time_blocks",
+           "sdpa_backends", "write_vtab_images", "end_to_end_images_per_s"]
 
 
 def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
@@ -346,3 +351,124 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+_SDPA_OPS = "aten::scaled_dot_product_attention"
+
+
+def flop_counts(model: nn.Module, img_size: int = 224, device: torch.device | None = None) -> dict[str, int | bool]:
+    """What each counter sees for one image, eval mode, no grad, with its unit:
+
+    - ``fvcore_flops``: ``fvcore.nn.FlopCountAnalysis(model, x).total()`` as a user gets it (multiply-adds);
+    - ``attention_macs``: the multiply-adds of ``scaled_dot_product_attention`` calls (q·kᵀ and attn·v),
+      which fvcore does not count (``count_flops`` = ``fvcore_flops + attention_macs``);
+    - ``torch_flops``: ``FlopCounterMode``'s total (FLOPs: 2 per multiply-add; LayerNorm not counted);
+    - ``torch_counts_attention``: whether ``FlopCounterMode`` saw the attention kernel it ran (it has
+      formulas for the CUDA flash / memory-efficient kernels, not for the fused CPU one).
+    """
+    from fvcore.nn import FlopCountAnalysis
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, 3, img_size, img_size, device=device)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = FlopCountAnalysis(model, x).set_op_handle(_SDPA_OPS, sdpa_flop_jit)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
+            total = int(analysis.total())
+            attention = int(analysis.by_operator().get("scaled_dot_product_attention", 0))
+            with FlopCounterMode(display=False) as counter:
+                model(x)
+        counted_ops = {str(op) for op in counter.get_flop_counts().get("Global", {})}
+    finally:
+        model.train(was_training)
+    return dict(fvcore_flops=total - attention, attention_macs=attention, torch_flops=int(counter.get_total_flops()),
+                torch_counts_attention=any("attention" in op for op in counted_ops))
+
+
+# profiler event name -> SDPA backend (the kernel scaled_dot_product_attention dispatched to)
+_SDPA_BACKENDS = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "fused (overrideable)",
+    "aten::_scaled_dot_product_attention_math": "math",
+}
+
+
+def sdpa_backends(fn: Callable[[], Any], device: torch.device) -> list[str]:
+    """The SDPA backend of every ``scaled_dot_product_attention`` call of one ``fn()``, in call order
+    (one entry per attention layer for a model forward): flash, memory-efficient, cudnn, math, or
+    "flash (cpu)". Read from the profiler's operator events; empty when no SDPA call shows up as an
+    operator (explicit attention, or a compiled graph that inlined it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    return [_SDPA_BACKENDS[e.name] for e in sorted(prof.events(), key=lambda e: e.time_range.start)
+            if e.name in _SDPA_BACKENDS]
+
+
+def write_vtab_images(root: str | Any, task: str, count: int, num_classes: int, size: tuple[int, int] = (384, 384),
+                      seed: int = 0, quality: int = 90) -> Any:
+    """A VTAB-1k style task folder (``<root>/<task>/images/*.jpg``, list files, ``classes.txt``) of ``count``
+    JPEGs of ``size`` (width, height): smooth colour fields plus noise, so that decoding costs like a photo's.
+    All four list files list every image. Returns the task folder."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    task_dir = Path(root) / task
+    (task_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    lines = []
+    for i in range(count):
+        f = rng.uniform(0.005, 0.05, size=(3, 2))
+        phase = rng.uniform(0, 6.3, size=3)
+        base = np.stack([np.sin(f[c, 0] * xx + f[c, 1] * yy + phase[c]) for c in range(3)], axis=-1)
+        pixels = np.clip(127.5 * (1 + base) + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        name = f"images/{i:05d}.jpg"
+        Image.fromarray(pixels).save(task_dir / name, quality=quality)
+        lines.append(f"{name} {i % num_classes}")
+    text = "\n".join(lines) + "\n"
+    for split in ("train800", "val200", "train800val200", "test"):
+        (task_dir / f"{split}.txt").write_text(text, encoding="utf-8")
+    (task_dir / "classes.txt").write_text("".join(f"class{c}\n" for c in range(num_classes)), encoding="utf-8")
+    return task_dir
+
+
+@torch.no_grad()
+def end_to_end_images_per_s(model: Callable[[torch.Tensor], Any], loader: Any, device: torch.device,
+                            precision: str = "fp32") -> dict[str, float]:
+    """Images/s of a full pass over ``loader`` (JPEG decode, resize, normalise in its workers, host-to-device
+    copy, the model), timed from the arrival of the first batch, so that starting the workers (once per
+    pass) is left out; at least two batches are needed. Also the seconds to the first batch."""
+    device = torch.device(device)
+    start = time.perf_counter()
+    first = timed = None
+    images = 0
+    with autocast_ctx(device, precision):
+        for batch, _ in loader:
+            if first is None:
+                first = time.perf_counter() - start
+                model(batch.to(device, non_blocking=True))
+                _sync(device)
+                timed = time.perf_counter()
+                continue
+            model(batch.to(device, non_blocking=True))
+            images += len(batch)
+        _sync(device)
+    if timed is None or images == 0:
+        raise ValueError("end-to-end timing needs a loader of at least two batches")
+    return {"images_per_s": images / (time.perf_counter() - timed), "first_batch_s": first, "images": images}

@@ -1,30 +1,47 @@
 #!/usr/bin/env python
-"""Speed, FLOPs, memory and hardware efficiency of plain / ToMe / PYRA models, all in one process.
+"""Speed, FLOPs, memory and hardware efficiency of the merging settings, all in one process, with the record.
 
 Usage::
 
-    python scripts/benchmark.py [--model vit_base_patch16_224_in21k] [--device cpu|cuda]
-        [--precision fp32|bf16|fp16] [--batch-size 8] [--threads N] [--rounds 3] [--img-size 224]
-        [--compile] [--no-train] [--settings plain tome_high pyra_high] [--json PATH]
+    python scripts/benchmark.py [--config configs/vit_b16/lora_none.yaml] [key=value ...]
+        [--settings none tome_low tome_high pyra_low pyra_high] [--batch-sizes 1 8 32 64 256]
+        [--device cpu|cuda] [--precision fp32|bf16|fp16] [--threads N] [--rounds 3]
+        [--fold both|no|yes] [--compile off|on|both] [--attention mask feature]
+        [--no-train] [--no-e2e] [--workers N] [--json PATH] [--plot PATH] [--profile [DIR]]
 
-Every setting (plain, ToMe low/high, PYRA low/high) is built from the same random weights, with LoRA
-as is and folded into qkv (``models.fold_lora`` on a copy). Inference and training are timed
-round-robin over the settings for several rounds, so that drift of the machine hits all of them
-alike; the reported time is the median over all timed runs. The machine's fp32 matmul peak is
-measured in every round too, and each model's efficiency is ``2 · fvcore count · images/s ÷ peak``.
-Ratios to plain and efficiencies are taken per round (against the plain run / the peak of the same
-round) and their median is reported, so that the speed drift of a shared machine cancels.
+Every model is built by the project's one build path, ``lib.build.build_model(cfg, num_classes)``, from
+the config (``lib.config.load_config``) plus the ``key=value`` overrides, with each setting applied as
+the overrides ``merging.r`` / ``merging.pyra`` of ``models.backbones.MERGING_SETTINGS`` ("none" is
+shown as "plain"). Weights are the config's seed's random ones unless ``--pretrained`` (speed does not
+depend on them). Variants: LoRA as is and folded into qkv (``--fold``), eager and ``torch.compile``
+(``--compile``; the compile time is reported apart from the steady-state speed), and the two forms of
+proportional attention (``--attention``: ``log(size)`` as an SDPA mask or as an extra head feature).
 
-Training memory is the peak growth over the built model during a few optimizer steps (activations,
-gradients, AdamW state, workspaces): ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak
-resident set (``VmHWM``) of a fresh subprocess per setting, since a process that already ran other
-settings reuses their freed pages without growing. Folded rows have no training numbers: folding is
-an inference-time transform (the LoRA parameters are gone).
+For every batch size, inference and training are timed round-robin over the variants for several
+rounds, so that drift of the machine hits all of them alike; the reported time is the median over all
+timed runs, and ratios to plain and efficiencies are medians of per-round pairs (against the plain run
+and the matmul peak of the same round). The load average is recorded every round. Then each variant
+runs once through the project's own data path (``lib.data.build_dataset`` → ``lib.loaders.
+build_eval_loader`` with its workers: JPEG decode, bicubic resize, normalise, then the model) on JPEGs
+the harness writes in the VTAB-1k layout: ``end_to_end_images_per_s``, next to the model-only
+``images_per_s`` on a tensor already in memory.
+
+FLOPs for one image, three ways (``lib.benchmark.flop_counts``): fvcore as a user runs it
+(multiply-adds), ``FlopCounterMode`` (FLOPs, two per multiply-add), and the attention multiply-adds
+that the fused CPU kernel hides from both; ``flops`` = fvcore + attention is what the efficiency
+column uses: ``2 · flops · images/s ÷ matmul peak``. On every device the SDPA backend each layer ran
+(flash, memory-efficient, math, "flash (cpu)") is read from the profiler.
+
+Training memory is the peak growth over the built model during a few optimizer steps:
+``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak resident set (``VmHWM``) of a fresh
+subprocess per variant. Folded and compiled rows have no training numbers (folding is an inference
+transform; compilation is measured for inference).
 
 CPU allocator (``--allocator tuned``, the default): glibc keeps freed blocks for reuse instead of
-unmapping them (no page faults on every activation) and, run as a script, the heap sits on
-transparent huge pages (the script restarts itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``).
-``--allocator default`` measures glibc as it comes. The JSON records which one ran.
+unmapping them and, run as a script, the heap sits on transparent huge pages (the script restarts
+itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``). ``--allocator default`` measures glibc as it
+comes. The JSON records which one ran (``env.allocator``). ``scripts/speed_table.py`` turns the JSON
+into README's Speed table.
 """
 from __future__ import annotations
 
@@ -33,11 +50,17 @@ import copy
 import datetime
 import json
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -46,52 +69,97 @@ if str(ROOT) not in sys.path:
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
 
 from lib.benchmark import (  # noqa: E402
     autocast_ctx,
-    count_flops,
     device_name,
     efficiency,
+    end_to_end_images_per_s,
+    flop_counts,
     flops_by_block,
     make_train_step,
     matmul_peak,
     peak_memory_mb,
     profile_table,
+    sdpa_backends,
     time_blocks,
     time_fn,
     tokens_per_layer,
     tune_cpu_allocator,
+    write_vtab_images,
 )
-from models import create_model, fold_lora  # noqa: E402
+from lib.build import build_model  # noqa: E402
+from lib.config import load_config  # noqa: E402
+from lib.data import build_dataset  # noqa: E402
+from lib.distributed import DistInfo  # noqa: E402
+from lib.loaders import build_eval_loader  # noqa: E402
+from models import fold_lora  # noqa: E402
+from models.backbones import MERGING_SETTINGS  # noqa: E402
+from models.vit import set_size_bias  # noqa: E402
 
-__all__ = ["SETTINGS", "build_model", "run_benchmark", "format_table", "parse_args", "main"]
+__all__ = ["Variant", "setting_overrides", "load_setting_config", "build", "run_benchmark", "format_table",
+           "plot_curve", "parse_args", "main", "ROW_FIELDS", "ENV_FIELDS"]
 
-# setting name -> (merging schedule, PYRA on)
-SETTINGS: Dict[str, tuple] = {
-    "plain": (None, False),
-    "tome_low": ("low", False),
-    "tome_high": ("high", False),
-    "pyra_low": ("low", True),
-    "pyra_high": ("high", True),
-}
-REFERENCE = "plain"
-DISTURBED = 0.10  # relative spread of the per-round medians above which the table is flagged
+REFERENCE = "none"                 # the setting every ratio is taken against (its plain, eager, unfolded run)
+DISPLAY = {"none": "plain"}        # display names; the rest are MERGING_SETTINGS' keys
+DEFAULT_CONFIG = "configs/vit_b16/lora_none.yaml"
+E2E_TASK = "benchmark_images"
+DISTURBED = 0.10  # relative spread of the per-round medians above which a row is flagged
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on the heap
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# The record of every row and of the environment (issue 14): field -> JSON type(s) (None: null allowed).
+ROW_FIELDS: dict[str, tuple] = {
+    "setting": (str,), "batch_size": (int,), "images_per_s": (float,), "end_to_end_images_per_s": (float, None),
+    "fvcore_flops": (int,), "torch_flops": (int,), "train_step_s": (float, None), "peak_mem_mb": (float, None),
+}
+ENV_FIELDS: dict[str, tuple] = {
+    "device": (str,), "torch": (str,), "timm": (str,), "threads": (int,), "precision": (str,),
+    "allocator": (str,), "commit": (str,),
+}
 
-def build_model(args: argparse.Namespace, setting: str, device: torch.device) -> nn.Module:
-    """The unfolded model of one setting, from the seed shared by all settings (same backbone weights)."""
-    merging, pyra = SETTINGS[setting]
-    torch.manual_seed(args.seed)
-    model = create_model(
-        args.model, num_classes=args.num_classes, peft=args.peft, merging=merging, pyra=pyra,
-        img_size=args.img_size, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
-        patch_size=args.patch_size)
-    return model.to(device)
+
+@dataclass(frozen=True)
+class Variant:
+    """One measured model: a merging setting, LoRA folded or not, compiled or not, and the form of
+    proportional attention (None where nothing merges, so there is no size bias)."""
+
+    setting: str
+    folded: bool = False
+    compiled: bool = False
+    attention: str | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [DISPLAY.get(self.setting, self.setting)]
+        if self.attention == "feature":
+            parts.append("feature-attn")
+        if self.folded:
+            parts.append("folded")
+        if self.compiled:
+            parts.append("compiled")
+        return " ".join(parts)
 
 
-def _count_params(model: nn.Module) -> tuple:
+def setting_overrides(setting: str) -> list[str]:
+    """The config overrides of one row of ``models.backbones.MERGING_SETTINGS``."""
+    schedule, pyra, _ = MERGING_SETTINGS[setting]
+    return [f"merging.r={'null' if schedule is None else schedule}", f"merging.pyra={'true' if pyra else 'false'}"]
+
+
+def load_setting_config(args: argparse.Namespace, setting: str) -> Any:
+    """The config file, then the user's overrides, then the setting's."""
+    return load_config(args.config, [*args.overrides, *setting_overrides(setting)])
+
+
+def build(args: argparse.Namespace, setting: str, device: torch.device) -> nn.Module:
+    """The unfolded model of one setting through ``lib.build.build_model`` (same seed, same backbone weights)."""
+    cfg = load_setting_config(args, setting)
+    return build_model(cfg, args.num_classes, pretrained=args.pretrained).to(device)
+
+
+def _count_params(model: nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
@@ -100,82 +168,84 @@ def _has_lora(model: nn.Module) -> bool:
     return any(name.endswith("lora_down.weight") for name, _ in model.named_parameters())
 
 
-def _settings(requested: Optional[Sequence[str]]) -> List[str]:
-    """The requested settings in canonical order, always with the plain reference."""
-    wanted = set(requested or SETTINGS)
-    unknown = wanted - set(SETTINGS)
+def _settings(requested: Sequence[str] | None) -> list[str]:
+    """The requested settings in MERGING_SETTINGS' order, always with the reference ("plain" = "none")."""
+    wanted = {"none" if s == "plain" else s for s in (requested or MERGING_SETTINGS)}
+    unknown = wanted - set(MERGING_SETTINGS)
     if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {list(SETTINGS)}")
+        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {list(MERGING_SETTINGS)}")
     wanted.add(REFERENCE)
-    return [s for s in SETTINGS if s in wanted]
+    return [s for s in MERGING_SETTINGS if s in wanted]
 
 
-def _memory_in_subprocesses(args: argparse.Namespace, settings: Sequence[str]) -> Dict[str, float]:
-    """Run the training-memory probe of each setting in a fresh interpreter (two at a time); MiB each."""
+def _variants(args: argparse.Namespace, settings: Sequence[str], has_lora: bool) -> list[Variant]:
+    folds = {"no": [False], "yes": [True], "both": [False, True]}[args.fold] if has_lora else [False]
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    out = [Variant(s, folded, compiled, None if MERGING_SETTINGS[s][0] is None else attention)
+           for s in settings for attention in args.attention for folded in folds for compiled in compiles]
+    out = list(dict.fromkeys(out))   # "none" has one attention form
+    reference = Variant(REFERENCE)
+    return out if reference in out else [reference, *out]
+
+
+def _memory_in_subprocesses(args: argparse.Namespace, jobs: Sequence[tuple[Variant, int]]) -> dict[tuple, float]:
+    """The training-memory probe of each (variant, batch) in a fresh interpreter, two at a time; MiB each."""
     script = str(Path(__file__).resolve())
-    results: Dict[str, float] = {}
-    pending = list(settings)
+    results: dict[tuple, float] = {}
+    pending = list(jobs)
     while pending:
         batch, pending = pending[:2], pending[2:]
-        procs = {s: subprocess.Popen([sys.executable, script, "--memory-probe", s, *args.argv], cwd=str(ROOT),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in batch}
-        for setting, proc in procs.items():
+        procs = {}
+        for variant, bs in batch:
+            cmd = [sys.executable, script, *args.argv, "--memory-probe", variant.setting,
+                   "--memory-batch", str(bs), "--memory-attention", variant.attention or "mask"]
+            procs[(variant, bs)] = subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE, text=True)
+        for key, proc in procs.items():
             out, err = proc.communicate()
             if proc.returncode != 0:
-                raise RuntimeError(f"memory probe of {setting} failed:\n{err}")
-            results[setting] = float(json.loads(out.strip().splitlines()[-1])["peak_mem_mb"])
+                raise RuntimeError(f"memory probe of {key[0].label} at batch {key[1]} failed:\n{err}")
+            results[key] = float(json.loads(out.strip().splitlines()[-1])["peak_mem_mb"])
     return results
 
 
 def _memory_probe(args: argparse.Namespace, device: torch.device) -> float:
     """Peak memory growth of a few training steps of one setting, in this (fresh) process."""
-    model = build_model(args, args.memory_probe, device)
-    step = make_train_step(model, args.batch_size, args.num_classes, args.img_size, device, args.precision)
+    model = build(args, args.memory_probe, device)
+    set_size_bias(model, args.memory_attention)
+    img_size = load_setting_config(args, args.memory_probe).model.img_size
+    step = make_train_step(model, args.memory_batch, args.num_classes, img_size, device, args.precision)
     return peak_memory_mb(lambda: [step() for _ in range(args.memory_steps)], device)
 
 
-def _write_profiles(args: argparse.Namespace, variants: Dict[tuple, Dict[str, Any]], train_steps: Dict[str, Any],
-                    infer: Any, device: torch.device, peak: float) -> None:
-    """Where the time beyond the GEMMs goes: torch.profiler top-operator tables per setting, and the time
-    and efficiency of every block (profile_<setting>[_folded]_{infer,train,blocks}.txt)."""
-    out_dir = args.profile
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for (setting, folded), v in variants.items():
-        stem = f"profile_{setting}{'_folded' if folded else ''}"
-        (out_dir / f"{stem}_infer.txt").write_text(profile_table(lambda v=v: infer(v["runner"]), device),
-                                                   encoding="utf-8")
-        (out_dir / f"{stem}_blocks.txt").write_text(_block_table(args, v["model"], device, peak), encoding="utf-8")
-    for setting, s in train_steps.items():
-        (out_dir / f"profile_{setting}_train.txt").write_text(profile_table(s["step"], device), encoding="utf-8")
-
-
-def _block_table(args: argparse.Namespace, model: nn.Module, device: torch.device, peak: float) -> str:
-    """Per block: tokens in -> out, milliseconds per batch, fvcore GFLOP per batch and % of the matmul peak."""
-    seconds = time_blocks(model, args.batch_size, args.img_size, device, args.precision, runs=args.runs)
-    flops = flops_by_block(model, args.img_size, device)
-    tokens = tokens_per_layer(model, args.img_size)
-    lines = [f"batch {args.batch_size}, peak {peak / 1e9:.1f} GFLOP/s; efficiency = 2 x fvcore x batch / time / peak",
+def _block_table(model: nn.Module, batch_size: int, img_size: int, device: torch.device, precision: str,
+                 runs: int, peak: float) -> str:
+    """Per block: tokens in -> out, milliseconds per batch, GFLOP per batch and % of the matmul peak."""
+    seconds = time_blocks(model, batch_size, img_size, device, precision, runs=runs)
+    flops = flops_by_block(model, img_size, device)
+    tokens = tokens_per_layer(model, img_size)
+    lines = [f"batch {batch_size}, peak {peak / 1e9:.1f} GFLOP/s; efficiency = 2 x fvcore x batch / time / peak",
              f"{'block':>5}  {'tokens':>10}  {'ms':>8}  {'GFLOP':>7}  {'eff':>6}"]
     for i, (sec, f) in enumerate(zip(seconds, flops)):
-        work = 2.0 * f * args.batch_size
+        work = 2.0 * f * batch_size
         lines.append(f"{i:>5}  {f'{tokens[i]}->{tokens[i + 1]}':>10}  {1e3 * sec:8.2f}  {work / 1e9:7.2f}  "
                      f"{100 * work / sec / peak:5.1f}%")
-    total_s, total_work = sum(seconds), 2.0 * sum(flops) * args.batch_size
+    total_s, total_work = sum(seconds), 2.0 * sum(flops) * batch_size
     lines.append(f"{'all':>5}  {'':>10}  {1e3 * total_s:8.2f}  {total_work / 1e9:7.2f}  "
                  f"{100 * total_work / total_s / peak:5.1f}%")
     return "\n".join(lines) + "\n"
 
 
-def _rotate(items: List[Any], shift: int) -> List[Any]:
+def _rotate(items: list[Any], shift: int) -> list[Any]:
     shift = shift % len(items) if items else 0
     return items[shift:] + items[:shift]
 
 
-def _round_medians(times: List[List[float]]) -> List[float]:
+def _round_medians(times: list[list[float]]) -> list[float]:
     return [statistics.median(rnd) for rnd in times]
 
 
-def _median_over_rounds(times: List[List[float]]) -> tuple:
+def _median_over_rounds(times: list[list[float]]) -> tuple[float, float]:
     """Median of all timed runs, and the relative spread of the per-round medians (a disturbance flag)."""
     flat = [t for rnd in times for t in rnd]
     per_round = [statistics.median(rnd) for rnd in times]
@@ -183,110 +253,21 @@ def _median_over_rounds(times: List[List[float]]) -> tuple:
     return median, (max(per_round) - min(per_round)) / median
 
 
-def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
-    """Measure every setting (folded and not) and return the JSON-ready report."""
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = _settings(args.settings)
-    load_start = os.getloadavg()
-
-    variants: Dict[tuple, Dict[str, Any]] = {}
-    for setting in settings:
-        model = build_model(args, setting, device).eval()
-        forms = [(False, model)]
-        if _has_lora(model):
-            forms.append((True, fold_lora(copy.deepcopy(model))))
-        for folded, m in forms:
-            params, trainable = _count_params(m)
-            runner = torch.compile(m) if args.compile else m
-            variants[(setting, folded)] = dict(model=m, runner=runner, flops=count_flops(m, args.img_size, device),
-                                               params=params, trainable=trainable, times=[])
-
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-
-    def infer(runner: nn.Module) -> None:
-        with torch.no_grad(), autocast_ctx(device, args.precision):
-            runner(x)
-
-    for v in variants.values():  # warm-up (and compilation) outside the timed rounds
-        time_fn(lambda v=v: infer(v["runner"]), device, warmup=args.warmup, runs=0)
-
-    peak_dtype = PRECISIONS[args.precision]
-    peaks: Dict[str, List[float]] = {"fp32": []}
-    if args.precision != "fp32":
-        peaks[args.precision] = []
-    train_steps = {} if args.no_train else {
-        s: dict(step=make_train_step(copy.deepcopy(variants[(s, False)]["model"]), args.batch_size,
-                                     args.num_classes, args.img_size, device, args.precision), times=[])
-        for s in settings}
-    for s in train_steps.values():
-        time_fn(s["step"], device, warmup=1, runs=0)
-
-    keys = list(variants)
-    for rnd in range(args.rounds):
-        peaks["fp32"].append(matmul_peak(device, args.peak_size, runs=args.runs))
-        if args.precision != "fp32":
-            peaks[args.precision].append(matmul_peak(device, args.peak_size, dtype=peak_dtype, runs=args.runs))
-        for key in _rotate(keys, rnd):  # no setting always runs first
-            v = variants[key]
-            v["times"].append(time_fn(lambda v=v: infer(v["runner"]), device, warmup=0, runs=args.runs))
-        for name in _rotate(list(train_steps), rnd):
-            s = train_steps[name]
-            s["times"].append(time_fn(s["step"], device, warmup=0, runs=args.train_runs))
-
-    if args.profile:
-        _write_profiles(args, variants, train_steps, infer, device, statistics.median(peaks[args.precision]))
-
-    memory: Dict[str, float] = {}
-    if not args.no_train and device.type == "cpu":
-        memory = _memory_in_subprocesses(args, settings)
-    elif not args.no_train:
-        for name in settings:
-            memory[name] = _memory_probe(argparse.Namespace(**{**vars(args), "memory_probe": name}), device)
-
-    # Ratios and efficiencies pair each setting with the reference / the peak of the same round, so that
-    # drift of the machine's speed between rounds cancels; the median over rounds is reported.
-    peak_rounds = peaks[args.precision]
-    ref_rounds = _round_medians(variants[(REFERENCE, False)]["times"])
-    train_ref = _round_medians(train_steps[REFERENCE]["times"]) if REFERENCE in train_steps else None
-    rows = []
-    for (setting, folded), v in variants.items():
-        median_s, spread = _median_over_rounds(v["times"])
-        rounds = _round_medians(v["times"])
-        row = dict(setting=setting, folded=folded, images_per_s=args.batch_size / median_s, batch=args.batch_size,
-                   flops=v["flops"], gflops=v["flops"] / 2 ** 30, params=v["params"], trainable=v["trainable"],
-                   ratio_to_plain=statistics.median(r / s for r, s in zip(ref_rounds, rounds)),
-                   train_step_s=None, train_ratio=None, peak_mem_mb=None,
-                   efficiency=statistics.median(efficiency(v["flops"], args.batch_size / s, p)
-                                                for s, p in zip(rounds, peak_rounds)),
-                   median_s=median_s, spread=spread, round_s=rounds, runs=sum(len(t) for t in v["times"]))
-        if not folded and setting in train_steps:
-            row["train_step_s"], row["train_spread"] = _median_over_rounds(train_steps[setting]["times"])
-            row["train_round_s"] = _round_medians(train_steps[setting]["times"])
-            row["train_ratio"] = statistics.median(r / s for r, s in zip(train_ref, row["train_round_s"]))
-            row["peak_mem_mb"] = memory[setting]
-        rows.append(row)
-
-    machine = dict(device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
-                   torch_version=torch.__version__, timm_version=timm.__version__,
-                   peak_gflops=statistics.median(peaks["fp32"]) / 1e9,
-                   peak_gflops_rounds=[p / 1e9 for p in peaks["fp32"]], peak_size=args.peak_size,
-                   peak_gflops_precision_rounds=[p / 1e9 for p in peak_rounds],
-                   load_avg_start=load_start[0], load_avg_end=os.getloadavg()[0],
-                   cpu_allocator=_allocator_info(args),
-                   memory_method=("cuda max_memory_allocated" if device.type == "cuda"
-                                  else "VmHWM growth of a fresh subprocess per setting"))
-    if args.precision != "fp32":
-        machine[f"peak_gflops_{args.precision}"] = statistics.median(peak_rounds) / 1e9
-    config = dict(model=args.model, precision=args.precision, batch_size=args.batch_size, img_size=args.img_size,
-                  rounds=args.rounds, runs_per_round=args.runs, train_runs_per_round=args.train_runs,
-                  compile=args.compile, train=not args.no_train, peft=args.peft, num_classes=args.num_classes,
-                  timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
-    return dict(machine=machine, config=config, results=rows)
+def _commit() -> str:
+    """HEAD's hash, "+dirty" when tracked files differ from it (the measured code is then not exactly HEAD)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
-def _allocator_info(args: argparse.Namespace) -> str:
+def _allocator_info(args: argparse.Namespace, device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch CUDA caching allocator"
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     parts = ["glibc", "keeps freed blocks (mallopt)" if args.allocator_tuned else "default thresholds",
              f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}"]
@@ -295,72 +276,334 @@ def _allocator_info(args: argparse.Namespace) -> str:
     return "; ".join(parts)
 
 
-def _fmt(value: Optional[float], spec: str) -> str:
+class _Prepared:
+    """A variant ready to time: its model (eager, possibly folded), what runs it, counts and timings."""
+
+    def __init__(self, variant: Variant, model: nn.Module, device: torch.device, img_size: int) -> None:
+        self.variant = variant
+        self.model = model
+        self.runner: Callable[[torch.Tensor], Any] = torch.compile(model, dynamic=False) if variant.compiled \
+            else model
+        self.params, self.trainable = _count_params(model)
+        self.counts = flop_counts(model, img_size, device)
+        self.times: dict[int, list[list[float]]] = {}
+        self.first_call_s: dict[int, float] = {}
+        self.backends: dict[int, list[str]] = {}
+        self.e2e: dict[int, dict[str, float]] = {}
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        return self.runner(x)
+
+
+def _prepare(args: argparse.Namespace, settings: list[str], device: torch.device,
+             img_size: int) -> dict[Variant, _Prepared]:
+    prepared: dict[Variant, _Prepared] = {}
+    for setting in settings:
+        base = build(args, setting, device).eval()
+        for variant in [v for v in args.variants if v.setting == setting]:
+            model = copy.deepcopy(base)
+            if variant.folded:
+                model = fold_lora(model)
+            set_size_bias(model, variant.attention)
+            prepared[variant] = _Prepared(variant, model, device, img_size)
+        del base
+    return prepared
+
+
+def _e2e_loader(args: argparse.Namespace, root: Path, batch_size: int, img_size: int, device: torch.device) -> Any:
+    """The project's eval data path on the harness's images: build_dataset + build_eval_loader."""
+    cfg = load_config(args.config, [*args.overrides, f"data.root={root}", f"data.task={E2E_TASK}",
+                                    "data.eval_split=test", "data.augment=", "data.num_classes=null"])
+    dataset = build_dataset(cfg.data, cfg.data.eval_split, img_size, is_train=False)
+    dataset = Subset(dataset, range(batch_size * args.e2e_batches))
+    workers = cfg.data.num_workers if args.workers is None else args.workers
+    return build_eval_loader(dataset, batch_size, DistInfo(), workers, pin_memory=device.type == "cuda"), workers
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every variant at every batch size and return the JSON-ready report."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = _settings(args.settings)
+    ref_cfg = load_setting_config(args, REFERENCE)
+    img_size = ref_cfg.model.img_size
+    load_start = os.getloadavg()
+    probe = build(args, REFERENCE, device)
+    args.variants = _variants(args, settings, _has_lora(probe))
+    del probe
+    prepared = _prepare(args, settings, device, img_size)
+    reference = prepared[Variant(REFERENCE)]
+
+    train_variants = [] if args.no_train else [v for v in prepared if not v.folded and not v.compiled]
+    steps: dict[tuple[Variant, int], dict[str, Any]] = {}
+    peaks: dict[int, dict[str, list[float]]] = {}
+    loads: dict[int, list[float]] = {}
+    e2e_root = Path(args.e2e_dir or tempfile.mkdtemp(prefix="pyra_bench_"))
+    workers = None
+    try:
+        if not args.no_e2e:
+            write_vtab_images(e2e_root, E2E_TASK, max(args.batch_sizes) * args.e2e_batches, args.num_classes,
+                              (args.e2e_image_size, args.e2e_image_size), seed=ref_cfg.seed)
+        for bs in args.batch_sizes:
+            x = torch.randn(bs, 3, img_size, img_size, device=device)
+
+            def infer(p: _Prepared, x: torch.Tensor = x) -> None:
+                with torch.no_grad(), autocast_ctx(device, args.precision):
+                    p(x)
+
+            for p in prepared.values():   # warm-up (and compilation) outside the timed rounds
+                start = time.perf_counter()
+                infer(p)
+                p.first_call_s[bs] = time.perf_counter() - start
+                p.backends[bs] = sdpa_backends(lambda p=p: infer(p), device)
+                time_fn(lambda p=p: infer(p), device, warmup=max(args.warmup - 2, 0), runs=0)
+                p.times[bs] = []
+            for v in train_variants:
+                m = copy.deepcopy(prepared[v].model)
+                steps[(v, bs)] = dict(step=make_train_step(m, bs, args.num_classes, img_size, device, args.precision),
+                                      times=[])
+                time_fn(steps[(v, bs)]["step"], device, warmup=1, runs=0)
+
+            peaks[bs] = {"fp32": [], args.precision: []}
+            loads[bs] = []
+            keys = list(prepared)
+            for rnd in range(args.rounds):
+                loads[bs].append(os.getloadavg()[0])
+                peaks[bs]["fp32"].append(matmul_peak(device, args.peak_size, runs=args.runs))
+                if args.precision != "fp32":
+                    peaks[bs][args.precision].append(matmul_peak(device, args.peak_size,
+                                                                 dtype=PRECISIONS[args.precision], runs=args.runs))
+                for key in _rotate(keys, rnd):   # no variant always runs first
+                    p = prepared[key]
+                    p.times[bs].append(time_fn(lambda p=p: infer(p), device, warmup=0, runs=args.runs))
+                for v in _rotate(train_variants, rnd):
+                    s = steps[(v, bs)]
+                    s["times"].append(time_fn(s["step"], device, warmup=0, runs=args.train_runs))
+            loads[bs].append(os.getloadavg()[0])
+            for v in train_variants:   # free the training copies before the next batch size
+                steps[(v, bs)]["step"] = None
+
+            if not args.no_e2e:
+                loader, workers = _e2e_loader(args, e2e_root, bs, img_size, device)
+                for key in _rotate(keys, args.rounds):
+                    prepared[key].e2e[bs] = end_to_end_images_per_s(prepared[key], loader, device, args.precision)
+
+        if args.profile:
+            _write_profiles(args, prepared, device, img_size, statistics.median(peaks[args.batch_sizes[0]]["fp32"]))
+    finally:
+        if not args.e2e_dir:
+            shutil.rmtree(e2e_root, ignore_errors=True)
+
+    memory: dict[tuple, float] = {}
+    jobs = [(v, bs) for bs in args.batch_sizes for v in train_variants]
+    if jobs and device.type == "cpu":
+        memory = _memory_in_subprocesses(args, jobs)
+    elif jobs:
+        for v, bs in jobs:
+            ns = argparse.Namespace(**{**vars(args), "memory_probe": v.setting, "memory_batch": bs,
+                                       "memory_attention": v.attention or "mask"})
+            memory[(v, bs)] = _memory_probe(ns, device)
+
+    rows = []
+    for bs in args.batch_sizes:
+        peak_rounds = peaks[bs][args.precision]
+        ref_rounds = _round_medians(reference.times[bs])
+        train_ref = _round_medians(steps[(Variant(REFERENCE), bs)]["times"]) if train_variants else None
+        for v, p in prepared.items():
+            median_s, spread = _median_over_rounds(p.times[bs])
+            rounds = _round_medians(p.times[bs])
+            flops = p.counts["fvcore_flops"] + p.counts["attention_macs"]
+            row: dict[str, Any] = dict(
+                setting=DISPLAY.get(v.setting, v.setting), merging=v.setting, label=v.label, batch_size=bs,
+                folded=v.folded, compiled=v.compiled, attention=v.attention,
+                images_per_s=bs / median_s,
+                end_to_end_images_per_s=p.e2e[bs]["images_per_s"] if bs in p.e2e else None,
+                fvcore_flops=int(p.counts["fvcore_flops"]), torch_flops=int(p.counts["torch_flops"]),
+                attention_macs=int(p.counts["attention_macs"]),
+                torch_counts_attention=bool(p.counts["torch_counts_attention"]),
+                flops=int(flops), gflops=flops / 2 ** 30, params=p.params, trainable=p.trainable,
+                ratio_to_plain=statistics.median(r / s for r, s in zip(ref_rounds, rounds)),
+                efficiency=statistics.median(efficiency(flops, bs / s, pk) for s, pk in zip(rounds, peak_rounds)),
+                train_step_s=None, train_ratio=None, train_spread=None, train_round_s=None, peak_mem_mb=None,
+                compile_s=max(p.first_call_s[bs] - median_s, 0.0) if v.compiled else None,
+                first_call_s=p.first_call_s[bs], sdpa_backends=p.backends[bs],
+                e2e_first_batch_s=p.e2e[bs]["first_batch_s"] if bs in p.e2e else None,
+                median_s=median_s, spread=spread, round_s=rounds, runs=sum(len(t) for t in p.times[bs]))
+            if (v, bs) in steps:
+                train = steps[(v, bs)]["times"]
+                row["train_step_s"], row["train_spread"] = _median_over_rounds(train)
+                row["train_round_s"] = _round_medians(train)
+                row["train_ratio"] = statistics.median(r / s for r, s in zip(train_ref, row["train_round_s"]))
+                row["peak_mem_mb"] = memory[(v, bs)]
+            rows.append(row)
+
+    curve: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        entry = curve.setdefault(row["label"], {"batch_sizes": [], "ratio_to_plain": [], "images_per_s": []})
+        entry["batch_sizes"].append(row["batch_size"])
+        entry["ratio_to_plain"].append(row["ratio_to_plain"])
+        entry["images_per_s"].append(row["images_per_s"])
+
+    all_peaks = [p for bs in args.batch_sizes for p in peaks[bs]["fp32"]]
+    env = dict(device=str(device), torch=torch.__version__, timm=timm.__version__, threads=torch.get_num_threads(),
+               precision=args.precision, allocator=_allocator_info(args, device), commit=_commit(),
+               device_name=device_name(device), python=platform.python_version(),
+               peak_gflops=statistics.median(all_peaks) / 1e9,
+               peak_gflops_rounds={str(bs): [p / 1e9 for p in peaks[bs]["fp32"]] for bs in args.batch_sizes},
+               peak_gflops_precision_rounds={str(bs): [p / 1e9 for p in peaks[bs][args.precision]]
+                                             for bs in args.batch_sizes},
+               peak_size=args.peak_size, load_avg_start=load_start[0], load_avg_end=os.getloadavg()[0],
+               load_avg_rounds={str(bs): loads[bs] for bs in args.batch_sizes}, cpu_count=os.cpu_count(),
+               memory_method=("cuda max_memory_allocated" if device.type == "cuda"
+                              else "VmHWM growth of a fresh subprocess per variant"))
+    config = dict(config=str(args.config), overrides=list(args.overrides), model=ref_cfg.model.name,
+                  peft=ref_cfg.peft.type, num_classes=args.num_classes, img_size=img_size,
+                  batch_sizes=list(args.batch_sizes), rounds=args.rounds, runs_per_round=args.runs,
+                  train_runs_per_round=args.train_runs, fold=args.fold, compile=args.compile,
+                  attention=list(args.attention), train=not args.no_train, end_to_end=not args.no_e2e,
+                  e2e_workers=workers, e2e_batches=args.e2e_batches, e2e_image_size=args.e2e_image_size,
+                  pretrained=args.pretrained, command=" ".join(["python scripts/benchmark.py", *args.argv]),
+                  timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
+    return dict(env=env, config=config, results=rows, speedup_curve=curve)
+
+
+def _write_profiles(args: argparse.Namespace, prepared: dict[Variant, _Prepared], device: torch.device,
+                    img_size: int, peak: float) -> None:
+    """Where the time beyond the GEMMs goes, at the first batch size: torch.profiler top-operator tables per
+    variant (inference and training) and the time and efficiency of every block."""
+    out_dir = args.profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bs = args.batch_sizes[0]
+    x = torch.randn(bs, 3, img_size, img_size, device=device)
+    for v, p in prepared.items():
+        stem = "profile_" + v.label.replace(" ", "_")
+
+        def infer(p: _Prepared = p) -> None:
+            with torch.no_grad(), autocast_ctx(device, args.precision):
+                p(x)
+
+        (out_dir / f"{stem}_infer.txt").write_text(profile_table(infer, device), encoding="utf-8")
+        if not v.compiled:
+            (out_dir / f"{stem}_blocks.txt").write_text(
+                _block_table(p.model, bs, img_size, device, args.precision, args.runs, peak), encoding="utf-8")
+        if not v.folded and not v.compiled and not args.no_train:
+            step = make_train_step(copy.deepcopy(p.model), bs, args.num_classes, img_size, device, args.precision)
+            (out_dir / f"{stem}_train.txt").write_text(profile_table(step, device), encoding="utf-8")
+
+
+def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_table(report: Dict[str, Any]) -> str:
+def format_table(report: dict[str, Any]) -> str:
     """The aligned terminal table of a report."""
-    header = ["setting", "folded", "img/s", "x plain", "GFLOPs", "params", "trainable", "eff",
-              "train s", "x plain", "mem MiB", "spread"]
-    lines = [[r["setting"], "yes" if r["folded"] else "no", _fmt(r["images_per_s"], ".2f"),
-              _fmt(r["ratio_to_plain"], ".2f"), _fmt(r["gflops"], ".3f"), f"{r['params'] / 1e6:.2f}M",
-              f"{r['trainable']:,}", _fmt(100 * r["efficiency"], ".1f") + "%", _fmt(r["train_step_s"], ".3f"),
-              _fmt(r["train_ratio"], ".2f"), _fmt(r["peak_mem_mb"], ".0f"), _fmt(100 * r["spread"], ".1f") + "%"]
+    header = ["variant", "batch", "img/s", "e2e img/s", "x plain", "fvcore G", "torch G", "attn G", "eff",
+              "train s", "x plain", "mem MiB", "compile s", "spread"]
+    lines = [[r["label"], str(r["batch_size"]), _fmt(r["images_per_s"], ".2f"),
+              _fmt(r["end_to_end_images_per_s"], ".2f"), _fmt(r["ratio_to_plain"], ".2f"),
+              f"{r['fvcore_flops'] / 1e9:.3f}", f"{r['torch_flops'] / 1e9:.3f}", f"{r['attention_macs'] / 1e9:.3f}",
+              _fmt(100 * r["efficiency"], ".1f") + "%", _fmt(r["train_step_s"], ".3f"), _fmt(r["train_ratio"], ".2f"),
+              _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["compile_s"], ".1f"), _fmt(100 * r["spread"], ".1f") + "%"]
              for r in report["results"]]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     out = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [header, *lines]]
     out.insert(1, "  ".join("-" * w for w in widths))
-    m, c = report["machine"], report["config"]
-    out.insert(0, f"{c['model']}  {c['precision']}  batch {c['batch_size']}  {c['img_size']}px  "
-                  f"{m['device_name']}  {m['threads']} threads  torch {m['torch_version']}  "
-                  f"matmul peak {m['peak_gflops']:.1f} GFLOP/s (fp32, n={m['peak_size']})  "
-                  f"load {m['load_avg_start']:.2f}->{m['load_avg_end']:.2f}")
+    e, c = report["env"], report["config"]
+    out.insert(0, f"{c['model']} {c['peft']}  {e['precision']}  {c['img_size']}px  {e['device_name']}  "
+                  f"{e['threads']} threads  torch {e['torch']}  matmul peak {e['peak_gflops']:.1f} GFLOP/s "
+                  f"(fp32, n={e['peak_size']})  load {e['load_avg_start']:.2f}->{e['load_avg_end']:.2f}  "
+                  f"commit {e['commit'][:12]}")
+    out.append("fvcore G: multiply-adds (1e9) as fvcore sees them; torch G: FlopCounterMode FLOPs (1e9, 2 per "
+               "multiply-add); attn G: attention multiply-adds a fused kernel hides from both")
     return "\n".join(out)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def plot_curve(report: dict[str, Any], path: Path) -> Path:
+    """Speed-up over plain against batch size, one line per variant (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, entry in report["speedup_curve"].items():
+        if label == DISPLAY[REFERENCE]:
+            continue
+        ax.plot(entry["batch_sizes"], entry["ratio_to_plain"], marker="o", label=label)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images/s ÷ plain (same round)")
+    e, c = report["env"], report["config"]
+    ax.set_title(f"{c['model']} {c['peft']}, {e['precision']}, {e['device_name'][:40]}, {e['threads']} threads",
+                 fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="vit_base_patch16_224_in21k",
-                   help="a backbone of models.backbones, or 'vit' with --embed-dim/--depth/--num-heads/--patch-size")
-    p.add_argument("--embed-dim", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--peft", default="lora", choices=["lora", "adapter", "none"])
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (lib.config syntax)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="the config every setting starts from")
+    p.add_argument("--settings", nargs="+", help=f"subset of {list(MERGING_SETTINGS)} ('plain' = 'none'; "
+                                                 f"the reference is always added)")
     p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--pretrained", action="store_true", help="load model.pretrained (default: random weights)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    p.add_argument("--rounds", type=int, default=3, help="round-robin passes over all settings")
-    p.add_argument("--runs", type=int, default=3, help="timed inference batches per setting and round")
-    p.add_argument("--train-runs", type=int, default=2, help="timed training steps per setting and round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed inference batches per setting before round 1")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin passes over all variants")
+    p.add_argument("--runs", type=int, default=3, help="timed inference batches per variant and round")
+    p.add_argument("--train-runs", type=int, default=2, help="timed training steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed inference batches per variant (at least 2)")
     p.add_argument("--memory-steps", type=int, default=2, help="training steps the memory probe runs")
     p.add_argument("--peak-size", type=int, default=None, help="matrix size of the peak GEMM (2048 CPU, 8192 CUDA)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="torch.compile the inference models")
+    p.add_argument("--fold", default="both", choices=["both", "no", "yes"], help="LoRA as is and/or folded")
+    p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the inference "
+                   "models (both: eager and compiled rows); the compile time is reported apart")
+    p.add_argument("--attention", nargs="+", default=["mask"], choices=["mask", "feature"],
+                   help="forms of proportional attention to measure (models.vit.set_size_bias)")
     p.add_argument("--no-train", action="store_true", help="skip the training step and memory measurements")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end pass through the data path")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the end-to-end pass "
+                                                             "(default: the config's data.num_workers)")
+    p.add_argument("--e2e-batches", type=int, default=3, help="batches of the end-to-end pass (the first untimed)")
+    p.add_argument("--e2e-image-size", type=int, default=384, help="edge of the JPEGs the harness writes")
+    p.add_argument("--e2e-dir", type=Path, default=None, help="where to write them (default: a temporary folder)")
     p.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
                    help="CPU: 'tuned' keeps freed blocks in glibc's heap (lib.benchmark.tune_cpu_allocator) and, "
                         "run as a script, backs it with transparent huge pages (GLIBC_TUNABLES)")
-    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="subset of settings (plain is added)")
     p.add_argument("--json", type=Path, default=None, help="default: benchmark_results/<timestamp>.json")
+    p.add_argument("--plot", type=Path, default=None, help="speed-up vs batch size PNG (default: next to the JSON)")
     p.add_argument("--profile", type=Path, nargs="?", const=ROOT / "benchmark_results", default=None,
-                   help="also write torch.profiler top-operator tables (profile_<setting>_*.txt) to this folder")
+                   help="also write torch.profiler tables (profile_<variant>_*.txt) to this folder")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-batch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-attention", default="mask", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.argv = [a for a in (sys.argv[1:] if argv is None else list(argv))]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     if args.peak_size is None:
         args.peak_size = 8192 if args.device == "cuda" else 2048
+    if args.e2e_batches < 2:
+        p.error("--e2e-batches must be at least 2 (the first batch is not timed)")
+    args.warmup = max(args.warmup, 2)
+    try:
+        _settings(args.settings)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.allocator_tuned = args.allocator == "tuned" and tune_cpu_allocator()
     if args.memory_probe:
@@ -370,23 +613,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return {}
     report = run_benchmark(args)
     print(format_table(report))
-    worst = max(max(r["spread"], r.get("train_spread") or 0.0) for r in report["results"])
-    if worst > DISTURBED:
-        print(f"warning: per-round times differ by up to {100 * worst:.0f}% (load "
-              f"{report['machine']['load_avg_end']:.1f}): the machine was busy, re-run when it is quiet")
+    disturbed = [r["label"] + f" @{r['batch_size']}" for r in report["results"]
+                 if max(r["spread"], r["train_spread"] or 0.0) > DISTURBED]
+    if disturbed:
+        print(f"warning: per-round times differ by more than {100 * DISTURBED:.0f}% for {', '.join(disturbed)} "
+              f"(load {report['env']['load_avg_start']:.1f}->{report['env']['load_avg_end']:.1f}): the machine "
+              f"was busy; re-run when it is quiet")
     path = args.json or ROOT / "benchmark_results" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
+    plot = plot_curve(report, args.plot or path.with_suffix(".png"))
+    print(f"wrote {plot}")
     return report
 
 
 def _reexec_with_huge_pages() -> None:
-    """Restart this script with glibc's heap on transparent huge pages (a tunable read only at start-up).
-
-    With ``--allocator tuned`` (the default) the weights and activations then sit on 2 MiB pages:
-    fewer TLB misses while the GEMMs stream 28 MB of weights per ViT-B block (+1-2% here).
-    """
+    """Restart this script with glibc's heap on transparent huge pages (a tunable read only at start-up)."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables:
         return
