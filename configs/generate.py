@@ -1,7 +1,8 @@
 """Write the experiment grid (backbone x PEFT x merging) and the model bases from one table.
 
-The 60 leaf configs differ only in which bases they list; writing them by hand invites drift (a leaf
-pointing at the wrong merging base, a checkpoint name that no longer matches models/backbones.py).
+The 65 leaf configs (LoRA and Adapter on every backbone, visual prompts on ViT-B/16) differ only in
+which bases they list; writing them by hand invites drift (a leaf pointing at the wrong merging base, a
+checkpoint name that no longer matches models/backbones.py).
 
     python configs/generate.py           # (re)write every generated file; idempotent
     python configs/generate.py --check   # exit 1 if a generated file is missing, differs or is stale
@@ -28,7 +29,9 @@ BACKBONE_DIRS: dict[str, tuple[str, str]] = {
     "deit_s": ("deit_small_distilled_patch16_224", "DeiT-S/16 distilled"),
     "mae_vit_b": ("mae_vit_base_patch16", "MAE ViT-B/16"),
 }
-PEFTS: dict[str, str] = {"lora": "LoRA", "adapter": "Adapter"}
+PEFTS: dict[str, str] = {"lora": "LoRA", "adapter": "Adapter", "prompt": "VPT prompts"}
+# PEFT -> the backbone directories that get it (PEFTs not listed: every backbone)
+PEFT_DIRS: dict[str, tuple[str, ...]] = {"prompt": ("vit_b16",)}
 MERGINGS = MERGING_SETTINGS  # merging base -> (merging.r, merging.pyra, label)
 
 
@@ -60,7 +63,7 @@ def expected_files() -> dict[Path, str]:
     files = {CONFIGS / "_base_" / "merging" / f"{m}.yaml": merging_base(m) for m in MERGINGS}
     for config_dir in BACKBONE_DIRS:
         files[CONFIGS / "_base_" / "model" / f"{config_dir}.yaml"] = model_base(config_dir)
-        for peft in PEFTS:
+        for peft in (p for p in PEFTS if config_dir in PEFT_DIRS.get(p, BACKBONE_DIRS)):
             for merging in MERGINGS:
                 files[CONFIGS / config_dir / f"{peft}_{merging}.yaml"] = leaf(config_dir, peft, merging)
     return files
