@@ -1,4 +1,7 @@
-"""Runtime VTAB-1k dataset: list-file loading, task lookup and the official transforms (facts §6).
+"""Runtime VTAB-1k dataset: list-file loading, task lookup and the official transforms.
+
+The transform is the official code's: a bicubic resize of the whole image to a square, then ToTensor
+and Normalize (ImageNet mean/std by default), the same for training and testing; no augmentation.
 
 Every data problem (missing folder or list file, malformed line, bad label, missing or corrupt image,
 empty split) raises :class:`DataError` naming the file, so a broken dataset fails before training
@@ -23,7 +26,7 @@ from data.vtab_splits import LIST_SPLITS, TASK_ALIASES, VTAB_GROUPS, VTAB_TASKS,
 __all__ = [
     "VTAB_TASKS", "VTAB_GROUPS", "TASK_ALIASES", "DataError", "canonical_task", "resolve_task_dir",
     "task_num_classes", "read_list_file", "ImageListDataset", "build_transform", "build_dataset",
-    "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD",
+    "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD", "NORMALIZATIONS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,7 +36,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
-_NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
+# data.normalization -> (mean, std) of Normalize
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
 _MAX_NAMED = 5  # how many offending files an error message lists before summarising
 
 
@@ -211,9 +215,9 @@ def build_transform(img_size: int = 224, normalization: str = "imagenet", augmen
     swaps in timm's training pipeline; the paper trains without augmentation.
     """
     key = (normalization or "imagenet").lower()
-    if key not in _NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; expected one of {sorted(_NORMALIZATIONS)}")
-    mean, std = _NORMALIZATIONS[key]
+    if key not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {sorted(NORMALIZATIONS)}")
+    mean, std = NORMALIZATIONS[key]
     if augment and is_train:
         from timm.data import create_transform
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from .distributed import all_reduce_sum, is_main
 
-__all__ = ["autocast_ctx", "EpochState", "NonFiniteLossError", "train_one_epoch", "evaluate"]
+__all__ = ["PRECISIONS", "autocast_ctx", "EpochState", "NonFiniteLossError", "train_one_epoch", "evaluate"]
 
 log = logging.getLogger("pyra")
 
@@ -32,11 +32,17 @@ class EpochState:
     seconds: float = 0.0
 
 
+# train.precision -> the autocast dtype (None: plain fp32, no autocast)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for bf16/fp16, nothing for fp32."""
-    if precision == "fp32":
+    """Autocast for bf16/fp16, nothing for fp32 (``PRECISIONS``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 

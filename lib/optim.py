@@ -11,7 +11,8 @@ from models.peft import param_category
 
 __all__ = ["param_groups", "build_optimizer", "build_scheduler"]
 
-# Never decayed (facts §5): biases and every 1-D parameter, the position embedding and the special tokens.
+# Never decayed (timm's convention for ViTs): biases and every 1-D parameter, the position embedding and
+# the special tokens.
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 
 

@@ -23,6 +23,7 @@ class BackboneSpec:
     schedule: str             # key into SCHEDULES
     checkpoint: str           # file name expected under weight/ (see weight/README.md)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    patch_size: int = 16      # side of the square patches of timm_name (a fact of the architecture)
 
 
 # Schedules of the official code. ViT-S reuses ViT-B's, DeiT-S reuses DeiT-B's and MAE the

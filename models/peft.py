@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 __all__ = [
-    "LoRALinear", "Adapter", "QuickGELU", "PEFT_TYPES", "PARAM_CATEGORIES",
+    "LoRALinear", "Adapter", "QuickGELU", "PEFT_TYPES", "PEFT_INITS", "PARAM_CATEGORIES",
     "add_lora", "add_adapters", "init_peft", "fold_lora", "param_category", "mark_trainable", "param_report",
 ]
 
@@ -111,6 +111,9 @@ def _peft_linears(model: nn.Module) -> Iterator[nn.Linear]:
             yield module.up
 
 
+PEFT_INITS = ("official", "standard")   # peft.init: the modes of init_peft
+
+
 @torch.no_grad()
 def init_peft(model: nn.Module, mode: str = "official") -> None:
     """Initialise the PEFT layers: ``standard`` keeps the module defaults (LoRA up = 0, adapter xavier).
@@ -118,10 +121,10 @@ def init_peft(model: nn.Module, mode: str = "official") -> None:
     ``official`` reproduces the released PYRA code, whose model-wide ViT init runs after the PEFT
     modules are built: every LoRA/Adapter Linear ends up trunc_normal(std 0.02) with zero bias.
     """
+    if mode not in PEFT_INITS:
+        raise ValueError(f"unknown PEFT init {mode!r}; expected one of {PEFT_INITS}")
     if mode == "standard":
         return
-    if mode != "official":
-        raise ValueError(f"unknown PEFT init {mode!r}; expected 'official' or 'standard'")
     for linear in _peft_linears(model):
         trunc_normal_(linear.weight, std=0.02)
         if linear.bias is not None:

@@ -31,9 +31,13 @@ from .pyra import PYRA
 from .tome import Schedule, bipartite_soft_matching, clamp_schedule, merge_source, merge_wavg, parse_r
 
 __all__ = ["MergingAttention", "MergingBlock", "TokenMergingMixin", "apply_patch", "add_pyra", "create_model",
-           "resolve_schedule", "Merging"]
+           "resolve_schedule", "Merging", "GLOBAL_POOLS"]
 
 Merging = None | str | Schedule
+# Poolings a merging ViT supports (``forward_head``): "" keeps the backbone's own (timm's default for the
+# architecture: the class token; MAE: avg), "token" reads the class token, "avg" is the size-weighted
+# average of the merged tokens.
+GLOBAL_POOLS = ("", "token", "avg")
 
 
 class MergingAttention(Attention):
@@ -435,6 +439,10 @@ def create_model(
         raise ValueError(f"prompt_mode={prompt_mode!r} needs peft='prompt', got peft={peft!r}")
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if kwargs.get("global_pool", "") not in GLOBAL_POOLS:
+        raise ValueError(f"unknown global_pool {kwargs['global_pool']!r}; expected one of {GLOBAL_POOLS}")
+    if kwargs.get("global_pool") == "":
+        del kwargs["global_pool"]   # the backbone's own
     common = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, img_size=img_size, **kwargs)
     model, default_dim = _build_backbone(name, common, embed_dim, depth, num_heads, patch_size)
     apply_patch(model, trace_source=trace_source, prop_attn=prop_attn)

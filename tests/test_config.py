@@ -1,20 +1,44 @@
-"""lib/config.py and configs/: defaults, inheritance, overrides, validation errors, the committed configs."""
+"""lib/config.py and configs/: typed sections, defaults, inheritance, overrides, validation errors, owners of
+the allowed values, the resolved config, the committed configs."""
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
+import importlib
 import importlib.util
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from easydict import EasyDict
 
 import lib.config as config_module
-from lib.config import DEFAULTS, ConfigError, config_to_dict, load_config, save_config, validate_config
-from models.backbones import BACKBONES, named_schedule
+import lib.data
+import lib.engine
+import models.peft
+import models.prompt
+import models.vit
+from lib.build import build_model
+from lib.config import (
+    DEFAULTS,
+    Config,
+    ConfigError,
+    MergingConfig,
+    ModelConfig,
+    OptimConfig,
+    config_to_dict,
+    load_config,
+    resolve_config,
+    save_config,
+    validate_config,
+)
+from models import parse_r, resolve_schedule
+from models.backbones import BACKBONES, SCHEDULES, named_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -36,7 +60,7 @@ def load_generator():
 # ------------------------------------------------------------------------------------------- defaults
 def test_defaults_load_and_validate():
     cfg = load_config()
-    assert isinstance(cfg, EasyDict)
+    assert isinstance(cfg, Config)
     assert cfg.optim.lr == 1e-3 and cfg.train.epochs == 100 and cfg.merging.r is None
     assert cfg.experiment == "default" and cfg.config_path == ""
     expected = {**copy.deepcopy(DEFAULTS), "experiment": "default", "config_path": ""}
@@ -46,7 +70,7 @@ def test_defaults_load_and_validate():
 
 def test_loading_never_mutates_defaults():
     before = copy.deepcopy(DEFAULTS)
-    cfg = load_config(overrides=["optim.betas=[0.5, 0.6]", "model.depth=6"])
+    cfg = load_config(overrides=["optim.betas=[0.5, 0.6]", "model.img_size=32"])
     cfg.optim.betas.append(1.0)
     cfg.model.name = "changed"
     assert DEFAULTS == before
@@ -84,7 +108,10 @@ def test_experiment_name(tmp_path):
     ("optim.clip_grad=2", "optim.clip_grad", 2.0),
     ("train.drop_last=true", "train.drop_last", True),
     ("merging.r=[16, 10]", "merging.r", [16, 10]),
-    ("merging.r=[16, 0.5]", "merging.r", [16, 0.5]),
+    ("merging.r=[16, 0]", "merging.r", [16, 0]),       # a list is always per layer (two layers here)
+    ("merging.r={r: 16, inflection: 0.5}", "merging.r", {"r": 16, "inflection": 0.5}),
+    ("merging.r={r: 16, inflection: -0.5}", "merging.r", {"r": 16, "inflection": -0.5}),
+    ("merging.r={r: 16}", "merging.r", {"r": 16}),
     ("merging.r=high", "merging.r", "high"),
     ("merging.r=8", "merging.r", 8),
     ("optim.betas=[0, 1e-1]", "optim.betas", [0.0, 0.1]),
@@ -97,13 +124,17 @@ def test_experiment_name(tmp_path):
     ("data.augment=", "data.augment", ""),
     ("experiment=my run", "experiment", "my run"),
     ("model.pretrained=weight/x=y.npz", "model.pretrained", "weight/x=y.npz"),
-    ("model={name: vit, depth: 6, embed_dim: 48, num_heads: 3}", "model.depth", 6),
+    ("model={name: vit, depth: 6, embed_dim: 48, num_heads: 3, patch_size: 16}", "model.depth", 6),
+    ("model.depth=12", "model.depth", 12),             # a named backbone's own depth may be spelled out
+    ("model.patch_size=16", "model.patch_size", 16),
+    ("peft.prompt_mode=deep", "peft.prompt_mode", "deep"),
+    ("log.tensorboard=true", "log.tensorboard", True),
 ])
 def test_override_values(override, key, expected):
     cfg = load_config(overrides=[override])
     value = cfg
     for part in key.split("."):
-        value = value[part]
+        value = getattr(value, part)
     assert value == expected and type(value) is type(expected)
 
 
@@ -112,7 +143,7 @@ def test_overrides_apply_on_top_of_file_in_order():
                       ["optim.lr=0.1", "optim.lr=0.2", "merging.r=low", "data.task=dtd"])
     assert cfg.optim.lr == 0.2 and cfg.merging.r == "low" and cfg.merging.pyra is True
     assert cfg.data.task == "dtd" and cfg.model.name == "vit_base_patch16_224_in21k"
-    nested = load_config(overrides=["model={name: vit, depth: 6}"])
+    nested = load_config(overrides=["model={name: vit, depth: 6, embed_dim: 48, num_heads: 3, patch_size: 16}"])
     assert nested.model.depth == 6 and nested.model.img_size == 224   # deep merge, siblings kept
 
 
@@ -135,10 +166,14 @@ def test_overrides_apply_on_top_of_file_in_order():
     (["optim.betas=[0.9]"], ["optim.betas", "2 floats"]),
     (["optim.betas=[0.9, 1.5]"], ["optim.betas", "[0, 1)"]),
     (["model=vit"], ["model", "expected a mapping"]),
-    (["peft.type=prefix"], ["peft.type", "lora, adapter, none, full", "'prefix'"]),
-    (["peft.init=kaiming"], ["peft.init", "official, standard"]),
-    (["data.normalization=clip"], ["data.normalization", "imagenet, inception"]),
-    (["train.precision=fp8"], ["train.precision", "fp32, bf16, fp16"]),
+    (["peft.type=prefix"], ["peft.type", ", ".join(models.peft.PEFT_TYPES), "'prefix'"]),
+    (["peft.init=kaiming"], ["peft.init", ", ".join(models.peft.PEFT_INITS)]),
+    (["peft.prompt_mode=wide"], ["peft.prompt_mode", ", ".join(models.prompt.PROMPT_MODES), "'wide'"]),
+    (["data.normalization=clip"], ["data.normalization", ", ".join(lib.data.NORMALIZATIONS)]),
+    (["train.precision=fp8"], ["train.precision", ", ".join(lib.engine.PRECISIONS)]),
+    (["model.global_pool=max"], ["model.global_pool", "token, avg", "'max'"]),
+    (["log.tensorboard=1"], ["log.tensorboard", "expected bool"]),
+    (["log.tensorbord=true"], ["log.tensorbord", "did you mean log.tensorboard?"]),
     (["train.device=gpu"], ["train.device", "'gpu'"]),
     (["peft.dim=0"], ["peft.dim", ">= 1", "0"]),
     (["peft.dim=-4"], ["peft.dim", ">= 1"]),
@@ -155,24 +190,32 @@ def test_overrides_apply_on_top_of_file_in_order():
     (["data.num_workers=-1"], ["data.num_workers", ">= 0"]),
     (["data.task="], ["data.task", "must not be empty"]),
     (["sched.warmup_epochs=11", "train.epochs=10"], ["sched.warmup_epochs", "train.epochs"]),
-    (["merging.r=[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"], ["merging.r", "13 entries", "depth 12"]),
-    (["model.name=vit", "model.depth=4", "merging.r=[1, 1, 1, 1, 1]"], ["merging.r", "depth 4"]),
+    (["merging.r=[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"], ["merging.r", "13 entries", "12 layers"]),
+    (["model.name=vit", "model.depth=4", "merging.r=[1, 1, 1, 1, 1]"], ["merging.r", "4 layers"]),
     (["merging.r=-2"], ["merging.r", ">= 0"]),
-    (["merging.r=[4, -1]"], ["merging.r", ">= 0"]),
-    (["merging.r=[16, 1.5]"], ["merging.r", "inflection in [0, 1]"]),
-    (["merging.r=[16.0, 0.5]"], ["merging.r", "(r, inflection) pair"]),
-    (["merging.r=[16, 0.5, 1]"], ["merging.r", "list of ints"]),
+    (["merging.r=[4, -1]"], ["merging.r", "negative"]),
+    (["merging.r={r: 16, inflection: 1.5}"], ["merging.r", "inflection", "[-1, 1]", "1.5"]),
+    (["merging.r={r: 16, inflection: -1.5}"], ["merging.r", "inflection", "[-1, 1]", "-1.5"]),
+    (["merging.r={r: 16.0, inflection: 0.5}"], ["merging.r", "integer", "16.0"]),
+    (["merging.r={r: 16, slope: 0.5}"], ["merging.r", "'r' and 'inflection'"]),
+    (["merging.r=[16, 0.5]"], ["merging.r", "per-layer", "integers"]),      # a list is never (r, inflection)
+    (["merging.r=[16, 0.5, 1]"], ["merging.r", "per-layer", "integers"]),
     (["merging.r=medium"], ["merging.r", "'low' or 'high'", "'medium'"]),
     (["merging.r=true"], ["merging.r", "True"]),
     (["model.name=vit", "model.depth=6", "merging.r=high"], ["merging.r", "custom depth of 6"]),
     (["merging.pyra=true"], ["PYRA needs token merging"]),
     (["merging.pyra=true", "merging.r=0"], ["PYRA needs token merging"]),
     (["merging.pyra=true", "merging.r=[0, 0, 0]"], ["PYRA needs token merging"]),
-    (["merging.pyra=true", "merging.r=[0, 0.5]"], ["PYRA needs token merging"]),
+    (["merging.pyra=true", "merging.r={r: 0, inflection: 0.5}"], ["PYRA needs token merging"]),
     (["model.name=vit_b16"], ["model.name", "vit_base_patch16_224_in21k", "'vit'"]),
     (["model.name=vit", "model.embed_dim=100", "model.num_heads=3"], ["model.embed_dim", "model.num_heads"]),
     (["model.img_size=100"], ["model.img_size", "patch size 16"]),
     (["model.name=vit", "model.img_size=32", "model.patch_size=5"], ["model.img_size", "patch size 5"]),
+    (["model.depth=6"], ["model.depth", "vit_base_patch16_224_in21k has depth 12, not 6"]),
+    (["model.patch_size=14"], ["model.patch_size", "patch_size 16, not 14"]),
+    (["model.name=vit_large_patch16_224_in21k", "model.embed_dim=768"], ["model.embed_dim", "1024, not 768"]),
+    (["model.name=vit", "model.depth=2"], ["model.embed_dim: required", "model.num_heads: required",
+                                           "model.patch_size: required"]),
 ])
 def test_invalid_overrides_raise_config_error(overrides, needles):
     with pytest.raises(ConfigError) as info:
@@ -198,8 +241,12 @@ def test_config_error_is_a_value_error():
 def test_valid_edge_values_pass():
     load_config(overrides=["sched.warmup_epochs=100", "optim.lr=0", "data.num_workers=0", "train.device=cuda:1"])
     load_config(overrides=["merging.r=[40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]", "merging.pyra=true"])
-    load_config(overrides=["merging.r=[16, 1.0]", "merging.pyra=true", "merging.prop_attn=false"])
-    load_config(overrides=["model.name=vit", "model.depth=24", "merging.r=low"])
+    load_config(overrides=["merging.r={r: 16, inflection: 1.0}", "merging.pyra=true", "merging.prop_attn=false"])
+    load_config(overrides=["merging.r={r: 16, inflection: -1}", "merging.pyra=true"])
+    load_config(overrides=["merging.r=[16, 0]", "merging.pyra=true"])
+    load_config(overrides=["model.name=vit", "model.depth=24", "model.embed_dim=48", "model.num_heads=3",
+                           "model.patch_size=16", "merging.r=low"])
+    load_config(overrides=["model.depth=12", "model.embed_dim=768", "model.num_heads=12", "model.patch_size=16"])
     load_config(overrides=["model.name=vit_large_patch16_224_in21k", "merging.r=[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, "
                            "1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"])
 
@@ -244,7 +291,7 @@ def test_missing_config_file(tmp_path):
 
 def test_empty_file_means_defaults(tmp_path):
     cfg = load_config(write(tmp_path / "empty.yaml", "# nothing\n"))
-    assert cfg.optim == DEFAULTS["optim"]
+    assert cfg.optim == OptimConfig() and config_to_dict(cfg.optim) == DEFAULTS["optim"]
 
 
 def test_validate_config_checks_a_built_config():
@@ -306,7 +353,7 @@ def test_leaf_resolves_to_its_experiment(backbone, peft, merging):
     assert (cfg.merging.r, cfg.merging.pyra, cfg.merging.prop_attn) == (*LEAF_MERGING[merging], True)
     if cfg.merging.r is not None:
         assert len(named_schedule(cfg.merging.r, name)) == BACKBONES[name].depth
-    # the official recipe (facts section 5)
+    # the official recipe (configs/_base_/vtab.yaml)
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps, cfg.optim.betas) == (1e-3, 1e-4, 1e-8, [0.9, 0.999])
     assert (cfg.optim.pyra_lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.eval_interval) == (1e-4, 32, 100, 10)
     assert (cfg.sched.warmup_epochs, cfg.sched.warmup_lr, cfg.sched.min_lr) == (10, 1e-6, 1e-5)
@@ -339,7 +386,7 @@ def test_generate_writes_idempotently_and_check_detects_drift(tmp_path, monkeypa
     assert generator.main(["--check"]) == 1                 # everything missing
     assert generator.main([]) == 0
     files = sorted(tmp_path.rglob("*.yaml"))
-    assert len(files) == 66                                 # 60 leaves + 6 model bases
+    assert len(files) == 71                                 # 60 leaves + 6 model bases + 5 merging bases
     snapshot = {p: p.read_text() for p in files}
     assert generator.main([]) == 0 and {p: p.read_text() for p in files} == snapshot
     assert generator.main(["--check"]) == 0
@@ -357,14 +404,14 @@ def test_generate_writes_idempotently_and_check_detects_drift(tmp_path, monkeypa
 # -------------------------------------------------------------------------------------------- output
 def test_save_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS / "vit_l16/adapter_tome_high.yaml",
-                      ["optim.clip_grad=1", "merging.r=[8, 0.25]", "data.task=dtd", "peft.dim=null"])
+                      ["optim.clip_grad=1", "merging.r={r: 8, inflection: -0.25}", "data.task=dtd", "peft.dim=null"])
     out = tmp_path / "run" / "config.yaml"
     save_config(cfg, out)
     assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]      # no temp file left behind
     again = load_config(out)
     assert again.config_path == str(out) and again.experiment == "vit_l16/adapter_tome_high"
     strip = lambda c: {k: v for k, v in config_to_dict(c).items() if k != "config_path"}  # noqa: E731
-    assert strip(again) == strip(cfg)
+    assert strip(again) == strip(cfg) and again.merging.r == {"r": 8, "inflection": -0.25}
     assert "config_path" not in yaml.safe_load(out.read_text())             # plain YAML readers agree too
     assert yaml.safe_load(out.read_text())["optim"]["eps"] == 1e-8
     save_config(load_config(), out)                                           # overwrite in place
@@ -391,3 +438,135 @@ def test_config_to_dict_is_plain_and_json_ready():
     depth = cfg.model.depth
     plain["model"]["depth"] = depth + 95
     assert cfg.model.depth == depth                     # a copy, not a view
+
+
+# ------------------------------------------------------------------------------------------- typed
+def test_config_is_typed_dataclasses():
+    cfg = load_config(CONFIGS / "demo/digits_random.yaml", ["optim.lr=1", "merging.r={r: 2, inflection: -0.5}"])
+    assert dataclasses.is_dataclass(cfg) and isinstance(cfg.model, ModelConfig)
+    assert isinstance(cfg.merging, MergingConfig)
+    hints = typing.get_type_hints(ModelConfig)
+    assert hints["img_size"] is int and hints["depth"] == int | None and hints["patch_size"] == int | None
+    assert typing.get_type_hints(MergingConfig)["r"] == models.vit.Merging
+    assert typing.get_type_hints(OptimConfig)["betas"] == list[float]
+    assert type(cfg.optim.lr) is float and cfg.optim.lr == 1.0 and type(cfg.train.epochs) is int
+    assert cfg.peft.prompt_mode == "shallow" and cfg.log.tensorboard is False
+    clone = copy.deepcopy(cfg)
+    clone.model.pretrained = "elsewhere.pth"                      # consumers may assign attributes
+    clone.merging.r["r"] = 7
+    assert cfg.model.pretrained == "" and cfg.merging.r == {"r": 2, "inflection": -0.5}
+    validate_config(clone)
+    assert DEFAULTS == {k: v for k, v in config_to_dict(Config()).items() if k != "config_path"}
+
+
+def test_mapping_leaf_replaces_in_inheritance(tmp_path):
+    write(tmp_path / "base.yaml", "merging:\n  r: {r: 16, inflection: -0.5}\n  pyra: true\n")
+    cfg = load_config(write(tmp_path / "leaf.yaml", "_base_: base.yaml\nmerging:\n  r: {r: 8}\n"))
+    assert cfg.merging.r == {"r": 8} and cfg.merging.pyra is True   # r replaced whole, its section merged
+
+
+# ------------------------------------------------------------------------------------ merging forms
+def test_merging_mapping_with_negative_inflection_decreases():
+    cfg = load_config(overrides=["merging.r={r: 16, inflection: -0.5}", "merging.pyra=true"])
+    per_layer = resolve_schedule(cfg.merging.r, cfg.model.name, 12)
+    assert per_layer == parse_r(12, (16, -0.5)) and per_layer[0] == 24 and per_layer[-1] == 8
+    assert all(a >= b for a, b in zip(per_layer, per_layer[1:]))
+
+
+def test_two_element_list_stays_per_layer():
+    cfg = load_config(overrides=["merging.r=[16, 0]"])
+    assert cfg.merging.r == [16, 0]
+    assert resolve_schedule(cfg.merging.r, cfg.model.name, 12) == [16] + [0] * 11
+
+
+# --------------------------------------------------------------------------------- owners of the rules
+OWNED = [  # config key, owning module, constant
+    ("peft.type", models.peft, "PEFT_TYPES"),
+    ("peft.init", models.peft, "PEFT_INITS"),
+    ("peft.prompt_mode", models.prompt, "PROMPT_MODES"),
+    ("model.global_pool", models.vit, "GLOBAL_POOLS"),
+    ("data.normalization", lib.data, "NORMALIZATIONS"),
+    ("train.precision", lib.engine, "PRECISIONS"),
+]
+
+
+@pytest.mark.parametrize("key, owner, constant", OWNED)
+def test_allowed_values_come_from_their_owner(monkeypatch, key, owner, constant):
+    values = getattr(owner, constant)
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=[f"{key}=novel"])
+    added = {**values, "novel": None} if isinstance(values, dict) else (*values, "novel")
+    monkeypatch.setattr(owner, constant, added)
+    section, leaf = key.split(".")
+    assert getattr(getattr(load_config(overrides=[f"{key}=novel"]), section), leaf) == "novel"
+    default = getattr(getattr(Config(), section), leaf)
+    monkeypatch.setattr(owner, constant, tuple(v for v in values if v != default))
+    with pytest.raises(ConfigError, match=f"{key}: expected one of"):
+        load_config()                                       # the owner dropped the default: refused
+
+
+def test_backbone_names_and_patch_size_come_from_the_backbone_table(monkeypatch):
+    spec = dataclasses.replace(BACKBONES["vit_base_patch16_224_in21k"], patch_size=14)
+    monkeypatch.setitem(BACKBONES, "my_vit_patch16", spec)    # the name says 16: the spec (14) decides
+    load_config(overrides=["model.name=my_vit_patch16", "model.img_size=210", "model.patch_size=14"])
+    with pytest.raises(ConfigError, match="not divisible by the patch size 14"):
+        load_config(overrides=["model.name=my_vit_patch16", "model.img_size=208"])
+    with pytest.raises(ConfigError, match="unknown backbone 'nope'"):
+        load_config(overrides=["model.name=nope"])
+
+
+def test_schedule_rules_come_from_models(monkeypatch):
+    monkeypatch.setitem(SCHEDULES["vit_base"], "medium", [8] * 12)
+    load_config(overrides=["merging.r=medium", "merging.pyra=true"])
+    monkeypatch.setitem(SCHEDULES["vit_base"], "medium", [0] * 12)
+    with pytest.raises(ConfigError, match="PYRA needs token merging"):
+        load_config(overrides=["merging.r=medium", "merging.pyra=true"])
+
+
+def test_config_module_restates_no_owned_enum():
+    source = Path(config_module.__file__).read_text()
+    strings = {n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    for _, owner, constant in OWNED:   # at most one value each: the section's default, never the allowed set
+        assert len(set(getattr(owner, constant)) - {""} & strings) <= 1, constant
+    assert not {name for family in SCHEDULES.values() for name in family} & strings   # low / high
+    assert "patch(" not in source and "SCHEDULES" not in source and "BACKBONES" not in source
+
+
+# ---------------------------------------------------------------------------------- resolved config
+def _rebuilt(cfg, tmp_path, num_classes=10):
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes, pretrained=False)
+    resolved = resolve_config(cfg, model)
+    save_config(resolved, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert config_to_dict(again) == {**config_to_dict(resolved), "config_path": str(tmp_path / "config.yaml")}
+    rebuilt = build_model(again, num_classes, pretrained=False)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(rebuilt) == shapes(model) and rebuilt.r == model.r
+    assert {n for n, p in rebuilt.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+    return resolved, model
+
+
+@pytest.mark.parametrize("peft", models.peft.PEFT_TYPES)
+def test_resolved_config_rebuilds_the_same_model(tmp_path, peft):
+    cfg = load_config(CONFIGS / "demo/digits_random.yaml", [f"peft.type={peft}", "peft.dim=null"])
+    resolved, model = _rebuilt(cfg, tmp_path)
+    assert resolved.merging.r == model.r == [4, 3] and resolved.model.global_pool == "avg"
+    if peft in ("lora", "adapter", "prompt"):
+        assert isinstance(resolved.peft.dim, int) and resolved.peft.dim >= 1   # the default width, spelled out
+    else:
+        assert resolved.peft.dim is None                                        # nothing has a width
+
+
+def test_resolved_config_of_a_named_backbone(tmp_path):
+    cfg = load_config(CONFIGS / "vit_s16/lora_pyra_high.yaml", ["model.pretrained=", "model.img_size=64"])
+    assert (cfg.peft.dim, cfg.merging.r, cfg.model.depth) == (None, "high", None)
+    resolved, model = _rebuilt(cfg, tmp_path)                 # 16 patches: the high schedule is clamped
+    spec = BACKBONES[cfg.model.name]
+    assert resolved.peft.dim == spec.peft_dim
+    assert resolved.merging.r == model.r != named_schedule("high", cfg.model.name)
+    assert (resolved.model.depth, resolved.model.embed_dim, resolved.model.num_heads, resolved.model.patch_size) == (
+        spec.depth, spec.embed_dim, spec.num_heads, spec.patch_size)
+    text = (tmp_path / "config.yaml").read_text()
+    assert "dim: null" not in text and "r: high" not in text and f"r: {model.r}".replace("'", "") in text

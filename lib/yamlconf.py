@@ -1,0 +1,255 @@
+"""Typed YAML configs: a dataclass schema read from YAML 1.2 files with ``_base_`` inheritance and
+``dotted.key=value`` overrides, checked against the dataclasses' type hints with every problem reported at once.
+
+Nothing here knows a project key: ``lib.config`` holds PYRA's schema and rules and uses :class:`Schema`.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "Schema", "bounded", "to_dict", "get_dotted", "parse_yaml", "dump_yaml"]
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file and/or dotted key and what was expected."""
+
+    def __init__(self, errors: str | list[str]):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__(self.errors[0] if len(self.errors) == 1 else
+                         f"{len(self.errors)} config errors:\n  - " + "\n  - ".join(self.errors))
+
+
+def bounded(default: Any, low: float | None = None, *, strict: bool = False, high: float | None = None) -> Any:
+    """A dataclass field and the range the schema enforces: ``low <= value`` (``<`` if strict), ``value < high``."""
+    meta = {"bounds": (low, strict, high)} if low is not None else {}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain nested dict/list copy of dataclasses, mappings, lists and tuples."""
+    if is_dataclass(obj) or isinstance(obj, Mapping):
+        items = obj.items() if isinstance(obj, Mapping) else ((f.name, getattr(obj, f.name)) for f in fields(obj))
+        return {str(k): to_dict(v) for k, v in items}
+    return [to_dict(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars and no duplicate keys (YAML 1.1 reads ``1e-4`` as a string and
+    ``no``/``on`` as booleans: classic config bugs)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings with inline lists, so a per-layer list stays on one line."""
+
+
+_Dumper.add_representer(list, lambda d, data: d.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML 1.2 text; syntax errors name the source and line (and where an unclosed bracket opened)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+    except yaml.MarkedYAMLError as e:
+        mark, ctx = e.problem_mark or e.context_mark, e.context_mark
+        where = f" ({e.context} at line {ctx.line + 1})" if e.context and ctx is not None and ctx is not mark else ""
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{line}: invalid YAML: {e.problem or e.context}{where}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+def _is(value: Any, kind: Any) -> bool:
+    """isinstance with config semantics: ints count as floats, bools as neither; list[X] element-wise."""
+    if typing.get_origin(kind) is list:
+        return isinstance(value, (list, tuple)) and all(_is(v, typing.get_args(kind)[0]) for v in value)
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+class Schema:
+    """The keys of a root dataclass: sections (nested dataclasses) and leaves with their type hints.
+
+    ``runtime`` keys are set by code only (never read from files or overrides); ``free`` leaves take any
+    YAML value (their form is judged by the caller).
+    """
+
+    def __init__(self, root: type, runtime: Iterable[str] = (), free: Iterable[str] = ()) -> None:
+        self.root, self.runtime, self.free = root, tuple(runtime), tuple(free)
+        self.keys: dict[str, tuple[Any, Any]] = {k: v for k, v in self._walk(root).items() if k not in self.runtime}
+        self.sections = {k: hint for k, (hint, _) in self.keys.items() if is_dataclass(hint)}
+        self.leaves = {k: hint for k, (hint, _) in self.keys.items() if not is_dataclass(hint)}
+
+    def _walk(self, cls: type, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+        out, hints = {}, typing.get_type_hints(cls)
+        for f in fields(cls):
+            out[prefix + f.name] = (hints[f.name], f.metadata.get("bounds"))
+            if is_dataclass(hints[f.name]):
+                out.update(self._walk(hints[f.name], f"{prefix}{f.name}."))
+        return out
+
+    def kind(self, key: str) -> tuple[Any, bool]:
+        """(type, nullable) of a typed leaf: ``int | None`` -> (int, True); (None, True) for a free leaf."""
+        hint, args = self.leaves[key], typing.get_args(self.leaves[key])
+        if key in self.free:
+            return None, True
+        if isinstance(hint, types.UnionType) and type(None) in args:
+            return next(a for a in args if a is not type(None)), True
+        return hint, False
+
+    def suggest(self, key: str) -> str:
+        """'; did you mean X?' for the nearest valid key (same leaf name elsewhere, else closest spelling)."""
+        leaf, by_leaf = key.rsplit(".", 1)[-1], {k.rsplit(".", 1)[-1]: k for k in self.keys}
+        match = [k for k in self.keys if k.rsplit(".", 1)[-1] == leaf and k != key]
+        match = match or difflib.get_close_matches(key, list(self.keys), n=1, cutoff=0.6)
+        match = match or [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+        return f"; did you mean {match[0]}?" if match else ""
+
+    def structure_errors(self, tree: Any, where: str | None, prefix: str = "", complete: bool = False) -> list[str]:
+        """Unknown keys (with a suggestion), sections that are not mappings, wrong leaf types (and, if
+        ``complete``, missing keys and runtime keys that are not strings)."""
+        at = f"{where}: " if where else ""
+        if not isinstance(tree, Mapping):
+            return [f"{at}{prefix.rstrip('.') or 'config'}: expected a mapping, got {tree!r}"]
+        errors = []
+        for key, value in tree.items():
+            dotted = f"{prefix}{key}"
+            if dotted in self.sections:
+                errors += self.structure_errors(value, where, dotted + ".", complete)
+            elif dotted in self.leaves and dotted not in self.free:
+                kind, nullable = self.kind(dotted)
+                if not ((value is None and nullable) or (value is not None and _is(value, kind))):
+                    name = {bool: "bool", int: "int", float: "float (or int)", str: "str"}.get(kind)
+                    name = (name or f"a list of {typing.get_args(kind)[0].__name__}") + (" or null" if nullable else "")
+                    errors.append(f"{at}{dotted}: expected {name}, got {value!r}")
+            elif dotted not in self.leaves and not (complete and dotted in self.runtime):
+                errors.append(f"{at}unknown key {dotted!r}{self.suggest(dotted)}")
+        if complete:
+            errors += [f"missing key {k!r}" for k in self.keys
+                       if k.rpartition(".")[0] == prefix[:-1] and k[len(prefix):] not in tree]
+            errors += [f"{k}: expected str, got {tree[k]!r}" for k in self.runtime
+                       if not prefix and not isinstance(tree.get(k, ""), str)]
+        return errors
+
+    def bound_errors(self, tree: Mapping) -> list[str]:
+        """Values outside the ranges of ``bounded`` fields (tested positively, so NaN fails too)."""
+        errors = []
+        for key, (_, bounds) in self.keys.items():
+            value, (low, strict, high) = get_dotted(tree, key), bounds or (None, False, None)
+            if low is not None and value is not None and not (
+                    (value > low if strict else value >= low) and (high is None or value < high)):
+                rng = f"{'>' if strict else '>='} {low}" + (f" and < {high}" if high is not None else "")
+                errors.append(f"{key}: must be {rng}, got {value!r}")
+        return errors
+
+    def merge(self, base: Mapping, over: Mapping, prefix: str = "") -> dict:
+        """`over` on top of `base`: sections merge recursively; leaves (lists and mappings too) replace."""
+        out = copy.deepcopy(dict(base))
+        for key, value in over.items():
+            deep = f"{prefix}{key}" in self.sections and isinstance(value, Mapping) and isinstance(out.get(key), dict)
+            out[key] = self.merge(out[key], value, f"{prefix}{key}.") if deep else copy.deepcopy(value)
+        return out
+
+    def read_file(self, path: Path, chain: tuple[Path, ...] = ()) -> dict:
+        """A file's settings merged over its ``_base_`` files (in order, later wins), recursively."""
+        path = Path(os.path.normpath(path.absolute()))
+        if path in chain:
+            raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(map(str, chain + (path,)))}")
+        if not path.is_file():
+            by = f" (listed in _base_ of {chain[-1]})" if chain else ""
+            raise ConfigError(f"{path}: config file not found{by}")
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+        if not isinstance(data, dict | None):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
+        data = data or {}
+        bases = data.pop("_base_", [])
+        bases = [bases] if isinstance(bases, str) else bases
+        if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+            raise ConfigError(f"{path}: _base_ must be a path or a list of paths relative to this file, got {bases!r}")
+        errors = self.structure_errors(data, str(path))
+        if errors:
+            raise ConfigError(errors)
+        merged: dict = {}
+        for base in bases:
+            merged = self.merge(merged, self.read_file(path.parent / base, chain + (path,)))
+        return self.merge(merged, data)
+
+    def parse_override(self, text: str) -> dict:
+        """'a.b=value' -> {'a': {'b': value}}; the value is YAML, except that str keys keep the raw text."""
+        key, sep, raw = (part.strip() for part in text.partition("="))
+        if not sep or not key:
+            raise ConfigError(f"override {text!r}: expected dotted.key=value")
+        value = parse_yaml(raw, f"override {text!r}") if raw else ""
+        if key in self.leaves and self.kind(key)[0] is str and value is not None:
+            value = raw  # e.g. data.task=2024 stays the string "2024"
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        errors = self.structure_errors(value, f"override {text!r}")
+        if errors:
+            raise ConfigError(errors)
+        return value
+
+    def layers(self, defaults: Mapping, path: str | os.PathLike | None, overrides: Iterable[str]) -> dict:
+        """Defaults <- the file (with its ``_base_`` chain) <- the overrides in order; every bad override reported."""
+        data, errors = self.merge(defaults, self.read_file(Path(path)) if path is not None else {}), []
+        for text in [overrides] if isinstance(overrides, str) else overrides:
+            try:
+                data = self.merge(data, self.parse_override(text))
+            except ConfigError as e:
+                errors += e.errors
+        if errors:
+            raise ConfigError(errors)
+        return data
+
+    def build(self, data: Mapping, cls: type | None = None, prefix: str = "") -> Any:
+        """The dataclass of checked data; ints given for float keys become floats."""
+        values = {}
+        for name, value in data.items():
+            key = prefix + name
+            kind = self.kind(key)[0] if key in self.leaves and value is not None else None
+            values[name] = (self.build(value, self.sections[key], key + ".") if key in self.sections else float(value)
+                            if kind is float else [float(v) for v in value] if kind == list[float] else value)
+        return (cls or self.root)(**values)
+
+
+def get_dotted(tree: Mapping, dotted: str) -> Any:
+    """``tree["a"]["b"]`` for ``"a.b"``."""
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
