@@ -206,6 +206,9 @@ def plan_splits(builder: Any, spec: TaskSpec) -> dict[str, tuple[str, int]]:
     """
     sizes = _split_sizes(builder)
     version = getattr(builder.info, "version", "?")
+    if not sizes:
+        raise ValueError(f"{spec.name}: TFDS has no split sizes for {spec.tfds_name} {version}: not prepared in "
+                         "the TFDS data dir (run without --no-download to prepare it); nothing was written")
     plan: dict[str, tuple[str, int]] = {}
     for split, split_spec in spec.splits.items():
         base = resolve_split(split_spec, 0)[0]

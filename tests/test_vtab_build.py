@@ -385,6 +385,9 @@ def test_split_sizes_fail_fast_before_any_image(tmp_path, fake_tfds):
     fake_tfds.config.update(sizes={"train": 3060, "test": 0})
     with pytest.raises(ValueError, match=r"test = test is empty"):
         build_task("caltech101", tmp_path)
+    fake_tfds.config.update(sizes={})  # --no-download on a dataset TFDS has not prepared
+    with pytest.raises(ValueError, match=r"no split sizes for caltech101 9\.8\.7: not prepared"):
+        build_task("caltech101", tmp_path, download=False)
     assert all(b.requested == [] for b in fake_tfds.builders)  # nothing was read
     assert not list(tmp_path.iterdir())                          # nor written
 
