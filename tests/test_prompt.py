@@ -310,6 +310,22 @@ def test_flop_counts_include_the_prompt_tokens():
     assert count_flops(merged, img_size=32) > count_flops(merged_plain, img_size=32)
 
 
+def test_export_and_grad_checkpointing_with_deep_prompts():
+    model = tiny(merging=[8, 8, 4, 4], pyra=True, prompt_mode="deep", peft_dropout=0.0, drop_path_rate=0.0, depth=4)
+    randomize_trainable(model)
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), model(x), atol=1e-6)
+    grads = []
+    for enable in (False, True):
+        model.train().set_grad_checkpointing(enable)
+        model.zero_grad()
+        model(x).sum().backward()
+        grads.append(model.prompt.tokens.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+
+
 def test_create_model_arguments():
     assert tiny().prompt.num_tokens == P and tiny(peft_dim=None).prompt.num_tokens == 10
     assert not tiny().prompt.deep and tiny(prompt_mode="deep").prompt.deep
