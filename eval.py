@@ -24,7 +24,7 @@ from lib.data import DataError, build_dataset, task_num_classes
 from lib.distributed import DistInfo, select_device
 from lib.engine import evaluate
 from lib.loaders import build_eval_loader
-from models import CheckpointError, fold_lora, load_checkpoint, param_report, read_checkpoint
+from models import CheckpointError, fold_lora, load_checkpoint, param_report, read_checkpoint, trainable_state_dict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,8 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-accuracy", action="store_true", help="only the efficiency report")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write the result as JSON to PATH (or stdout)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="evaluate although the checkpoint lacks trained parameters (marked in the result)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def efficiency_table(model: torch.nn.Module, cfg: Any, device: torch.device, batch: int, precision: str,
@@ -82,8 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {"config": args.config, "checkpoint": args.checkpoint, "task": cfg.data.task}
         if args.checkpoint:
             report = load_checkpoint(model, args.checkpoint, kind="finetuned")
-            result["checkpoint_epoch"] = read_checkpoint(args.checkpoint).get("next_epoch", 0) - 1
             print(report.summary(), file=sys.stderr)
+            untrained = sorted(set(trainable_state_dict(model)) & set(report.missing))
+            if untrained and not args.allow_missing:
+                raise CheckpointError(
+                    f"{args.checkpoint} does not fit this config: it lacks {len(untrained)} trained parameter(s) "
+                    f"of the model ({', '.join(untrained[:6])}{', ...' if len(untrained) > 6 else ''}); "
+                    f"the wrong --config or PEFT type? (--allow-missing evaluates anyway, marked as such)")
+            if untrained:
+                result["missing_parameters"] = untrained
+            if not args.checkpoint.endswith(".npz"):
+                result["checkpoint_epoch"] = read_checkpoint(args.checkpoint).get("next_epoch", 0) - 1
         if not args.no_accuracy:
             loader = build_eval_loader(eval_set, args.batch_size, DistInfo(), cfg.data.num_workers,
                                        device.type == "cuda")
@@ -95,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if "missing_parameters" in result:
+        print(f"WARNING: {len(result['missing_parameters'])} trained parameter(s) were missing from the "
+              f"checkpoint and are at their initial values (--allow-missing)", file=sys.stderr)
     if "test_acc1" in result:
         print(f"{cfg.data.task}: top-1 {result['test_acc1']:.2f}%  top-5 {result['test_acc5']:.2f}%  "
               f"({result['test_count']} images)")

@@ -27,13 +27,15 @@ from lib.benchmark import count_flops, measure_throughput, merged_speedup, token
 from lib.build import build_model
 from lib.checkpointing import atomic_write, load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state
 from lib.config import ConfigError, config_to_dict, load_config, save_config
-from lib.data import DataError, build_dataset, canonical_task
+from lib.data import DataError, build_dataset, canonical_task, check_class_counts
 from lib.distributed import all_reduce_sum, cleanup, init_distributed, is_main, select_device
 from lib.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
 from lib.loaders import build_eval_loader, build_train_loader
 from lib.logger import JsonLog, setup_logger
 from lib.optim import build_optimizer, build_scheduler
-from models import CheckpointError, load_checkpoint, param_report, trainable_state_dict
+from lib.runs import RunFolderError, RunLock, check_writable, config_changes
+from models import CheckpointError, param_report, trainable_state_dict
+from models.checkpoint import check_checkpoint_file
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"
 EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE = 2, 3, 4
@@ -49,8 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from last.pth of this run ('auto': if there is one) or from PATH")
     p.add_argument("--overwrite", action="store_true", help="replace an existing (even finished) run")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the run's in result-changing keys; the change "
+                        "and the epoch it took effect are recorded in train.log and config.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=10")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def run_dir(cfg: Any) -> Path:
@@ -72,8 +77,7 @@ def prepare_run_dir(out: Path, resume: str | None, overwrite: bool) -> Path | No
     if resume == "auto":
         return last if last.exists() else None
     if resume is not None:
-        if not Path(resume).is_file():
-            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        check_checkpoint_file(resume)
         return Path(resume)
     if last.exists():
         raise FileExistsError(f"{out} holds an unfinished run ({last}); pass --resume auto to continue it "
@@ -111,23 +115,26 @@ def log_efficiency(eff: dict[str, Any]) -> None:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (cluster pre-emption): finish the current step, checkpoint, exit."""
+    """Set by Ctrl-C (SIGINT) and SIGTERM/SIGUSR1 (cluster pre-emption): finish the step, checkpoint, exit.
+
+    ``signal`` is the number received (on any rank), so the process can exit with 128 + it.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
     def __call__(self) -> bool:
-        if not torch.distributed.is_initialized():
-            return self.signal is not None
-        flag = torch.tensor([float(self.signal is not None)], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # all ranks stop together
-        return bool(flag.item())
+        if torch.distributed.is_initialized():  # all ranks stop together, at the same step
+            flag = torch.tensor([float(self.signal or 0)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signal = int(flag.item()) or None
+        return self.signal is not None
 
 
 def _speed_text(speed: dict[str, Any]) -> str:
@@ -137,22 +144,85 @@ def _speed_text(speed: dict[str, Any]) -> str:
     return text + ")"
 
 
-def train(cfg: Any, resume: str | None, overwrite: bool) -> dict[str, Any]:
+def start_run(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool
+              ) -> tuple[Path, RunLock | None, dict[str, Any] | None, list[str], Path | None]:
+    """Everything that can refuse a run, before any file of the run changes (rank 0 only).
+
+    Returns the run folder, its lock, the checkpoint to resume from (read and checked), the config
+    changes accepted with ``--allow-config-change`` (as log lines) and the top folder the run created.
+    """
+    if cfg.model.pretrained:
+        check_checkpoint_file(cfg.model.pretrained)  # before the dataset is built or a folder is made
+    out = run_dir(cfg)
+    made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # top folder this run creates
+    check_writable(out)
+    lock = RunLock(out).acquire()
+    try:
+        resume_from = prepare_run_dir(out, resume, overwrite)
+        ckpt, changes = None, []
+        if resume_from is not None:
+            ckpt = load_run_checkpoint(resume_from)
+            diff = config_changes(ckpt.get("config", {}), config_to_dict(cfg))
+            if diff and not allow_change:
+                lines = "\n  ".join(f"{k}: run {a!r} -> now {b!r}" for k, a, b in diff)
+                raise ConfigError(f"resuming {resume_from} with a different recipe changes its results; "
+                                  f"{len(diff)} key(s) differ:\n  {lines}\nuse the run's own config, or pass "
+                                  f"--allow-config-change to continue with the new values (recorded)")
+            epoch = ckpt["next_epoch"]
+            changes = [f"config changed at epoch {epoch} (resume): {k}: {a!r} -> {b!r}" for k, a, b in diff]
+    except BaseException:
+        lock.release(remove=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    return out, lock, ckpt, changes, made
+
+
+def write_run_config(cfg: Any, path: Path, history: list[str]) -> None:
+    """config.yaml with the recorded config changes as comment lines under its header."""
+    save_config(cfg, path)
+    if history:
+        header, _, body = path.read_text().partition("\n")
+        text = header + "\n" + "".join(f"# {line}\n" for line in history) + body
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def train(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool = False) -> dict[str, Any]:
     dist = init_distributed("cuda" if cfg.train.device.startswith("cuda") or (
         cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = select_device(cfg.train.device, dist)
-    out = run_dir(cfg)
-    resume_from = prepare_run_dir(out, resume, overwrite) if is_main() else None
-    if dist.enabled:  # every rank resumes from what rank 0 decided
-        holder = [str(resume_from) if resume_from else None]
+    stop = StopFlag(device)
+    out, lock, ckpt, changes, made = start_run(cfg, resume, overwrite, allow_change) if is_main() else (
+        run_dir(cfg), None, None, [], None)
+    try:
+        return _train(cfg, dist, device, stop, out, lock, ckpt, changes)
+    except BaseException:
+        if made is not None and not (out / "last.pth").exists():  # failed before any checkpoint: no half-made run
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path, lock: RunLock | None,
+           ckpt: dict[str, Any] | None, changes: list[str]) -> dict[str, Any]:
+    if dist.enabled:  # every rank resumes from what rank 0 read
+        holder = [ckpt]
         torch.distributed.broadcast_object_list(holder, src=0)
-        resume_from = Path(holder[0]) if holder[0] else None
-    out.mkdir(parents=True, exist_ok=True)
+        ckpt = holder[0]
     setup_logger(out / "train.log", is_main())
     log.info(f"run: {out}  (device {device}, {dist.world_size} process(es))")
+    if lock is not None and lock.note():
+        log.info(lock.note())
+    history = list(ckpt.get("config_history", [])) if ckpt else []
+    for line in changes:
+        log.warning(line)
+    history += changes
 
     train_set = build_dataset(cfg.data, cfg.data.train_split, cfg.model.img_size, is_train=True)
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.model.img_size, is_train=False)
+    check_class_counts(train_set, eval_set)
     per_rank = math.ceil(len(train_set) / dist.world_size)
     if cfg.train.drop_last and cfg.train.batch_size > per_rank:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {per_rank} samples of "
@@ -163,7 +233,7 @@ def train(cfg: Any, resume: str | None, overwrite: bool) -> dict[str, Any]:
     eff = efficiency_report(model, cfg, device)
     log_efficiency(eff)
     if is_main():
-        save_config(cfg, out / "config.yaml")
+        write_run_config(cfg, out / "config.yaml", history)
         atomic_write(out / "efficiency.json", lambda tmp: Path(tmp).write_text(json.dumps(eff, indent=2)))
 
     pin = device.type == "cuda"
@@ -176,14 +246,18 @@ def train(cfg: Any, resume: str | None, overwrite: bool) -> dict[str, Any]:
 
     json_log = JsonLog(out / "log.txt")
     start_epoch, epoch_state, best = 0, EpochState(), {"acc1": -1.0, "epoch": -1}
-    if resume_from is not None:
-        ckpt = load_run_checkpoint(resume_from)
+    if ckpt is not None:
         missing = [k for k in trainable_state_dict(model) if k not in ckpt["model"]]
         if missing:
-            raise CheckpointError(f"{resume_from} lacks trainable parameters {missing[:5]} of this config")
-        load_checkpoint(model, str(resume_from), kind="finetuned")
+            raise CheckpointError(f"{out / 'last.pth'} lacks trainable parameters {missing[:5]} of this config")
+        model.load_state_dict(ckpt["model"], strict=False)
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        if changes:  # the new recipe's hyper-parameters, the old moments; the schedule is the new one
+            for group, fresh in zip(optimizer.param_groups, configured):
+                group.update(fresh)
+        else:
+            scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best = ckpt["next_epoch"], ckpt["best"]
@@ -191,13 +265,12 @@ def train(cfg: Any, resume: str | None, overwrite: bool) -> dict[str, Any]:
         set_rng_state(ckpt["rng"])
         if is_main():
             json_log.truncate_to(start_epoch)
-        log.info(f"resumed from {resume_from}: epoch {start_epoch}, step {epoch_state.step}")
+        log.info(f"resumed: epoch {start_epoch}, step {epoch_state.step}")
 
     ddp_model = model
     if dist.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
     n_parameters = eff["n_parameters"]
-    stop = StopFlag(device)
 
     def save(path: Path, next_epoch: int, state: EpochState) -> None:
         if not is_main():
@@ -206,11 +279,14 @@ def train(cfg: Any, resume: str | None, overwrite: bool) -> dict[str, Any]:
             path, model=trainable_state_dict(model), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
             next_epoch=next_epoch, epoch_state=vars(state).copy(), best=best, rng=rng_state(),
-            config=config_to_dict(cfg))
+            config=config_to_dict(cfg), config_history=history)
 
+    if stop():
+        log.info(f"stopped by signal {stop.signal} before training started; nothing to save")
+        return {"interrupted": True, "signal": stop.signal}
     for epoch in range(start_epoch, cfg.train.epochs):
         scheduler.step(epoch)  # epoch e trains at lr(e)
-        sampler.set_position(epoch, epoch_state.step * cfg.train.batch_size)
+        sampler.set_position(epoch, epoch_state.samples)
         loader_gen.manual_seed(cfg.seed * 1000 + epoch)
         lr = optimizer.param_groups[0]["lr"]
         epoch_state = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch, epoch_state,
@@ -219,7 +295,7 @@ def train(cfg: Any, resume: str | None, overwrite: bool) -> dict[str, Any]:
             save(out / "last.pth", epoch, epoch_state)
             log.info(f"stopped by signal {stop.signal} at epoch {epoch}, step {epoch_state.step}; "
                      f"saved {out / 'last.pth'} — continue with --resume auto")
-            return {"interrupted": True}
+            return {"interrupted": True, "signal": stop.signal}
         train_loss, train_samples = all_reduce_sum([epoch_state.loss_sum, epoch_state.samples], device)
         record = None
         if epoch % cfg.train.eval_interval == 0 or epoch == cfg.train.epochs - 1:
@@ -267,9 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, args.overrides)
         if args.config is None:
             ensure_demo_data(cfg)
-        result = train(cfg, args.resume, args.overwrite)
-        return 0 if result else 1
-    except (ConfigError, DataError, CheckpointError) as e:
+        result = train(cfg, args.resume, args.overwrite, args.allow_config_change)
+        if result.get("interrupted"):
+            return 128 + result["signal"]  # 130 for Ctrl-C, 143 for SIGTERM: scripts can tell stopped from done
+        return 0
+    except DataError as e:
+        print(f"error: {e}{_demo_hint(args)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ConfigError, CheckpointError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except FileExistsError as e:
@@ -281,6 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NONFINITE
     finally:
         cleanup()
+
+
+def _demo_hint(args: argparse.Namespace) -> str:
+    """The demo configs read data that ``python -m data.make_digits`` writes."""
+    demo_dir = DEMO_CONFIG.parent.resolve()
+    if args.config and Path(args.config).resolve().parent == demo_dir and not Path("data/demo/digits").is_dir():
+        return "\n(the demo data is written by: python -m data.make_digits)"
+    return ""
 
 
 def ensure_demo_data(cfg: Any) -> None:

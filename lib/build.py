@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,11 @@ def build_model(cfg: Any, num_classes: int, pretrained: bool = True) -> nn.Modul
     PEFT/PYRA/head) are the same wherever the model is built.
     """
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, num_classes=num_classes, **model_kwargs(cfg))
+    with warnings.catch_warnings(record=True) as caught:   # e.g. a schedule clamped by the token count
+        warnings.simplefilter("always")
+        model = create_model(cfg.model.name, num_classes=num_classes, **model_kwargs(cfg))
+    for warning in caught:
+        log.warning(f"warning: {warning.message}")
     path = cfg.model.pretrained
     if pretrained and path:
         if not Path(path).is_file():

@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import OWN_FORMAT, read_checkpoint
+from models.checkpoint import OWN_FORMAT, CheckpointError, read_checkpoint
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 __all__ = ["atomic_write", "save_run_checkpoint", "load_run_checkpoint", "rng_state", "set_rng_state"]
 
@@ -31,6 +40,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results follow the user's umask like any file
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -74,12 +84,27 @@ def save_run_checkpoint(path: str | os.PathLike, **payload: Any) -> None:
 
 
 def load_run_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a run checkpoint written by ``save_run_checkpoint`` (never unpickles code)."""
-    ckpt = read_checkpoint(str(path))
+    """Read a run checkpoint written by ``save_run_checkpoint`` (never unpickles code).
+
+    If ``last.pth`` is unreadable the error says whether the run's ``best.pth`` could be used instead.
+    """
+    path = Path(path)
+    try:
+        ckpt = read_checkpoint(str(path))
+    except CheckpointError as e:
+        best = path.with_name("best.pth")
+        if path.name == "last.pth" and best.is_file():
+            try:
+                epoch = read_checkpoint(str(best)).get("next_epoch", 0) - 1
+                hint = (f"; {best} is intact (end of epoch {epoch}): resume from it with --resume {best} "
+                        f"(the epochs after it are trained again)")
+            except CheckpointError:
+                hint = f"; {best} is unreadable too: start over with --overwrite"
+        else:
+            hint = "; no best.pth to fall back on: start over with --overwrite"
+        raise CheckpointError(f"cannot resume: {e}{hint}") from None
     missing = [k for k in ("model", "optimizer", "scheduler", "next_epoch", "rng") if k not in ckpt]
     if ckpt.get("format") != OWN_FORMAT or missing:
-        raise ValueError(f"{path} is not a resumable PYRA run checkpoint (missing {missing or 'format tag'})")
+        raise CheckpointError(f"{path} is not a resumable PYRA run checkpoint "
+                              f"(missing {missing or 'format tag'})")
     return ckpt
-
-
-

@@ -25,7 +25,7 @@ from data.vtab_splits import LIST_SPLITS, TASK_ALIASES, VTAB_GROUPS, VTAB_TASKS,
 
 __all__ = [
     "VTAB_TASKS", "VTAB_GROUPS", "TASK_ALIASES", "DataError", "canonical_task", "resolve_task_dir",
-    "task_num_classes", "read_list_file", "ImageListDataset", "build_transform", "build_dataset",
+    "task_num_classes", "read_list_file", "ImageListDataset", "check_class_counts", "build_transform", "build_dataset",
     "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD", "NORMALIZATIONS",
 ]
 
@@ -119,6 +119,23 @@ def _summarise(items: list[str]) -> str:
     return shown + more
 
 
+def check_class_counts(train_set: ImageListDataset, eval_set: ImageListDataset) -> None:
+    """Train and evaluation splits must agree on the class count when it is read from their labels.
+
+    A label beyond the evaluation split's classes (a typo such as 99 in a 10-class task) would otherwise
+    silently make a larger head; ``classes.txt`` or ``data.num_classes`` settle the count explicitly.
+    """
+    if train_set.num_classes == eval_set.num_classes:
+        return
+    big = max((train_set, eval_set), key=lambda d: d.num_classes)
+    small = eval_set if big is train_set else train_set
+    lineno, label = big.max_label_at
+    raise DataError(f"{big.list_path}:{lineno}: label {label} means {big.num_classes} classes (from "
+                    f"{big.num_classes_from}), but {small.list_path} has {small.num_classes} (from "
+                    f"{small.num_classes_from}); fix the label, or set the count with classes.txt in the task "
+                    f"folder or data.num_classes=N")
+
+
 class ImageListDataset(torch.utils.data.Dataset):
     """Images of one split of a VTAB-1k task folder; ``__getitem__`` returns ``(image, label)``.
 
@@ -146,10 +163,14 @@ class ImageListDataset(torch.utils.data.Dataset):
             raise DataError(f"split {split!r} is empty: {self.list_path} has no '<path> <label>' lines")
 
         self.classes = _read_classes(root, task)
+        # Where the class count comes from: data.num_classes, the VTAB table / classes.txt, or the labels.
+        self.num_classes_from = "data.num_classes"
         if num_classes is None:
-            num_classes = task_num_classes(task, root)
+            num_classes, self.num_classes_from = task_num_classes(task, root), "the task's class table"
+        lineno, _, top = max(entries, key=lambda e: e[2])
+        self.max_label_at = (lineno, top)
         if num_classes is None:
-            num_classes = max(label for _, _, label in entries) + 1
+            num_classes, self.num_classes_from = top + 1, "its labels"
         self.num_classes = int(num_classes)
         for lineno, _, label in entries:
             if not 0 <= label < self.num_classes:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -39,11 +40,17 @@ def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, seed: 
     generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=drop_last, generator=generator,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=_ignore_interrupts)
     return loader, sampler, generator
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, dist: DistInfo, num_workers: int,
                       pin_memory: bool) -> DataLoader:
     shard = dataset if not dist.enabled else Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=_ignore_interrupts)
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers leave it to the main process, which checkpoints."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

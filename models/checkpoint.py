@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
 
-__all__ = ["CheckpointError", "LoadReport", "OWN_FORMAT", "read_checkpoint", "load_checkpoint",
+__all__ = ["CheckpointError", "LoadReport", "OWN_FORMAT", "check_checkpoint_file", "read_checkpoint", "load_checkpoint",
            "trainable_state_dict", "unwrap_model"]
 
 OWN_FORMAT = "pyra-checkpoint"  # value of the "format" key in checkpoints this project writes
@@ -62,24 +62,65 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """Read a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file without executing anything in it."""
-    if not os.path.isfile(path):
+def _describe_bytes(head: bytes) -> str:
+    """What a file that is not a checkpoint looks like, from its first bytes."""
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<")):
+        return "an HTML/XML page (a download that saved an error or login page?)"
+    if head and all(32 <= b < 127 or b in b"\r\n\t" for b in head):
+        return "a text file"
+    return "not a checkpoint"
+
+
+def check_checkpoint_file(path: str) -> None:
+    """A clear error for what cannot be a checkpoint: missing, a directory, or empty."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy?")
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """Read a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file without executing anything in it.
+
+    Whatever is wrong with the file (missing, a directory, empty, truncated, text or HTML, a bare
+    tensor or list, code to unpickle) becomes one ``CheckpointError`` line naming the file.
+    """
+    check_checkpoint_file(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({_describe_bytes(head)}): "
+                                  f"{e}") from None
+    is_zip, is_pickle = head.startswith(b"PK\x03\x04"), head[:1] == b"\x80"
+    if not (is_zip or is_pickle):
+        raise CheckpointError(f"{path} is {_describe_bytes(head)}, not a PyTorch checkpoint")
     try:
         # The official PYRA code saves its argparse Namespace under "args": allow exactly that class.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "truncated" in str(e).lower() or "ran out of input" in str(e).lower():
+            raise CheckpointError(f"{path} is truncated (an interrupted write or copy?): {e}") from None
         raise CheckpointError(
             f"refusing to load {path}: it needs arbitrary unpickling, which could run code hidden in the file "
             f"(torch.load weights_only=True rejected it; none of its code was run). Re-save it as a plain "
             f"state dict of tensors or as safetensors. Details: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({os.path.getsize(path)} bytes; a zip "
+                              f"checkpoint cut short by an interrupted write or copy?): {reason}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (a mapping of "
+                              f"parameter names to tensors, or one with a 'model' / 'state_dict' entry)")
+    return ckpt
 
 
 def _unwrap(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -131,6 +172,11 @@ def _load_npz(model: nn.Module, path: str) -> LoadReport:
         raise CheckpointError(f"{path}: the JAX checkpoint lacks {e} that this architecture needs") from None
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit this architecture: {e}") from None
+    except (ValueError, OSError, EOFError) as e:   # not a zip archive, truncated, pickled objects
+        with open(path, "rb") as f:
+            head = f.read(64)
+        what = "truncated or corrupt" if head.startswith(b"PK") else _describe_bytes(head)
+        raise CheckpointError(f"{path} is not a readable .npz checkpoint ({what}): {e}") from None
     changed = {k for k, p in params.items() if p._version != versions[k]}
     report.loaded = len(changed)
     report.missing = sorted(set(params) - changed)
@@ -150,13 +196,14 @@ def load_checkpoint(model: nn.Module, path: str, kind: str = "auto") -> LoadRepo
     if kind not in ("auto", "pretrained", "finetuned"):
         raise ValueError(f"kind must be 'auto', 'pretrained' or 'finetuned', got {kind!r}")
     if path.endswith(".npz"):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint not found: {path}")
+        check_checkpoint_file(path)
         return _load_npz(model, path)
 
     ckpt = read_checkpoint(path)
     own = ckpt.get("format") == OWN_FORMAT
     sd = _unwrap(ckpt)
+    if not sd:
+        raise CheckpointError(f"{path} holds no tensor (keys: {sorted(ckpt)[:8]}): nothing to load")
     official = any(marker in k for k in sd for marker in _OFFICIAL_MARKERS)
     if official:
         sd = _rename_official(sd)
