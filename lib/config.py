@@ -12,15 +12,18 @@ import copy
 import importlib
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lib.yamlconf import ConfigError, Schema, bounded, dump_yaml, get_dotted
 from lib.yamlconf import to_dict as config_to_dict
 from models.backbones import get_backbone
-from models.vit import Merging, resolve_schedule
+
+if TYPE_CHECKING:
+    from models.vit import Merging
 
 __all__ = ["Config", "ModelConfig", "PeftConfig", "MergingConfig", "DataConfig", "OptimConfig", "SchedConfig",
            "TrainConfig", "ReportConfig", "LogConfig", "DEFAULTS", "ConfigError", "load_config",
@@ -139,6 +142,13 @@ _SCHEMA = Schema(Config, runtime=["config_path"], free=["merging.r"])  # r: judg
 DEFAULTS: dict[str, Any] = {k: v for k, v in config_to_dict(Config()).items() if k != "config_path"}
 
 
+def _owners_loadable() -> bool:
+    """False when a script loaded lib.config with only models/backbones.py (a bare ``models`` package, as
+    scripts/common.sh and scripts/sweep.py do to skip torch's start-up): the checks that need the owners,
+    torch modules, are then left to train.py, which loads the config again with everything."""
+    return getattr(sys.modules.get("models"), "__file__", None) is not None
+
+
 def _allowed(key: str) -> tuple:
     module, name = _OWNERS[key]
     return tuple(getattr(importlib.import_module(module), name))
@@ -167,8 +177,9 @@ def _model_errors(m: Mapping) -> tuple[list[str], int | None]:
 
 def _value_errors(cfg: Mapping) -> list[str]:
     get = lambda key: get_dotted(cfg, key)  # noqa: E731
+    owners = _owners_loadable()
     errors = [f"{k}: expected one of {', '.join(v or repr(v) for v in _allowed(k))}; got {get(k)!r}"
-              for k in _OWNERS if get(k) not in _allowed(k)]
+              for k in _OWNERS if owners and get(k) not in _allowed(k)]
     if not _DEVICE.fullmatch(cfg["train"]["device"]):
         errors.append(f"train.device: expected auto, cpu, cuda or cuda:N; got {cfg['train']['device']!r}")
     errors += [f"{k}: must not be empty" for k in _NOT_EMPTY if not get(k)] + _SCHEMA.bound_errors(cfg)
@@ -179,7 +190,8 @@ def _value_errors(cfg: Mapping) -> list[str]:
         errors.append(f"sched.warmup_epochs: {warmup} is more than train.epochs ({epochs})")
     model_errors, depth = _model_errors(cfg["model"])
     r = cfg["merging"]["r"]
-    if depth is not None:
+    if depth is not None and owners:
+        from models.vit import resolve_schedule
         try:
             per_layer = resolve_schedule(r, cfg["model"]["name"], depth)
         except (ValueError, TypeError) as e:

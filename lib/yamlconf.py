@@ -9,6 +9,7 @@ import copy
 import difflib
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -117,11 +118,12 @@ class Schema:
         self.leaves = {k: hint for k, (hint, _) in self.keys.items() if not is_dataclass(hint)}
 
     def _walk(self, cls: type, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-        out, hints = {}, typing.get_type_hints(cls)
-        for f in fields(cls):
-            out[prefix + f.name] = (hints[f.name], f.metadata.get("bounds"))
-            if is_dataclass(hints[f.name]):
-                out.update(self._walk(hints[f.name], f"{prefix}{f.name}."))
+        out, names = {}, vars(sys.modules[cls.__module__])
+        for f in fields(cls):  # a free leaf's hint is not evaluated: its type may live in a module not loaded
+            hint = Any if prefix + f.name in self.free else eval(f.type, names) if isinstance(f.type, str) else f.type
+            out[prefix + f.name] = (hint, f.metadata.get("bounds"))
+            if is_dataclass(hint):
+                out.update(self._walk(hint, f"{prefix}{f.name}."))
         return out
 
     def kind(self, key: str) -> tuple[Any, bool]:

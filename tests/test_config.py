@@ -447,7 +447,7 @@ def test_config_is_typed_dataclasses():
     assert isinstance(cfg.merging, MergingConfig)
     hints = typing.get_type_hints(ModelConfig)
     assert hints["img_size"] is int and hints["depth"] == int | None and hints["patch_size"] == int | None
-    assert typing.get_type_hints(MergingConfig)["r"] == models.vit.Merging
+    assert typing.get_type_hints(MergingConfig, localns={"Merging": models.vit.Merging})["r"] == models.vit.Merging
     assert typing.get_type_hints(OptimConfig)["betas"] == list[float]
     assert type(cfg.optim.lr) is float and cfg.optim.lr == 1.0 and type(cfg.train.epochs) is int
     assert cfg.peft.prompt_mode == "shallow" and cfg.log.tensorboard is False
@@ -530,6 +530,32 @@ def test_config_module_restates_no_owned_enum():
         assert len(set(getattr(owner, constant)) - {""} & strings) <= 1, constant
     assert not {name for family in SCHEDULES.values() for name in family} & strings   # low / high
     assert "patch(" not in source and "SCHEDULES" not in source and "BACKBONES" not in source
+
+
+TORCH_FREE = """
+import os, sys, types
+package = types.ModuleType("models")   # as scripts/common.sh and scripts/sweep.py: no models/__init__.py
+package.__path__ = [os.path.abspath("models")]
+sys.modules["models"] = package
+from lib.config import ConfigError, load_config
+cfg = load_config("configs/demo/digits.yaml", ["data.task=dtd"])
+for overrides in (["train.epoch=3"], ["model.depth=5", "optim.lr=-1"]):
+    try:
+        load_config(None, overrides)
+    except ConfigError as e:
+        print(len(e.errors), " | ".join(e.errors))
+print(cfg.data.task, "torch" in sys.modules)
+"""
+
+
+def test_scripts_load_configs_without_torch():
+    """Run-folder lookups in the shell scripts load lib.config with only models/backbones.py: no torch import
+    (seconds per call); the checks that need the torch-based owners are left to train.py."""
+    out = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.splitlines()[-1] == "dtd False"
+    first, second, _ = out.stdout.splitlines()
+    assert first.startswith("1 ") and "did you mean train.epochs" in first and second.startswith("2 ")
+    assert "has depth 12, not 5" in second and "optim.lr: must be >= 0" in second
 
 
 # ---------------------------------------------------------------------------------- resolved config
