@@ -4,27 +4,31 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from models import CheckpointError, create_model, load_checkpoint
 
+if TYPE_CHECKING:
+    from lib.config import Config
+
 __all__ = ["build_model", "model_kwargs"]
 
 log = logging.getLogger("pyra")
 
 
-def model_kwargs(cfg: Any) -> dict[str, Any]:
-    """``models.create_model`` arguments of a config (everything but the class count)."""
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """``models.create_model`` arguments of a config (everything but the class count).
+
+    The size keys go to a custom ``"vit"`` only (a named backbone's own sizes come from its spec).
+    """
     m = cfg.model
     kwargs: dict[str, Any] = dict(
         peft=cfg.peft.type, peft_dim=cfg.peft.dim, peft_dropout=cfg.peft.dropout, peft_init=cfg.peft.init,
-        merging=cfg.merging.r, pyra=cfg.merging.pyra, prop_attn=cfg.merging.prop_attn,
-        drop_path_rate=m.drop_path_rate, img_size=m.img_size)
-    if cfg.peft.type == "prompt":
-        kwargs["prompt_mode"] = getattr(cfg.peft, "prompt_mode", "shallow")
+        prompt_mode=cfg.peft.prompt_mode, merging=cfg.merging.r, pyra=cfg.merging.pyra,
+        prop_attn=cfg.merging.prop_attn, drop_path_rate=m.drop_path_rate, img_size=m.img_size)
     if m.name == "vit":
         kwargs.update(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
     if m.global_pool:
@@ -32,7 +36,7 @@ def model_kwargs(cfg: Any) -> dict[str, Any]:
     return kwargs
 
 
-def build_model(cfg: Any, num_classes: int, pretrained: bool = True) -> nn.Module:
+def build_model(cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
     """The configured model with ``model.pretrained`` loaded (and its load report logged).
 
     Seeded with ``cfg.seed``, so weights that no file provides (a backbone trained from scratch, fresh
