@@ -30,13 +30,14 @@ __all__ = ["Config", "ModelConfig", "PeftConfig", "MergingConfig", "DataConfig",
            "validate_config", "resolve_config", "save_config", "config_to_dict"]
 
 
+# The sections: keys, types, defaults; ``bounded(default, low, ...)`` adds the range load_config enforces.
 @dataclass
 class ModelConfig:
     name: str = "vit_base_patch16_224_in21k"  # a models.backbones name, or "vit" (custom sizes below)
     pretrained: str = ""                      # checkpoint path; "" = random weights (demo, tests)
     img_size: int = bounded(224, 1)
     global_pool: str = ""                     # "" = the backbone's own (class token; MAE: avg)
-    embed_dim: int | None = bounded(None, 1)       # sizes: None = the named backbone's own; required for "vit"
+    embed_dim: int | None = bounded(None, 1)  # sizes: None = the named backbone's own; required for "vit"
     depth: int | None = bounded(None, 1)
     num_heads: int | None = bounded(None, 1)
     patch_size: int | None = bounded(None, 1)
@@ -46,7 +47,7 @@ class ModelConfig:
 @dataclass
 class PeftConfig:
     type: str = "lora"
-    dim: int | None = bounded(None, 1)             # LoRA rank / Adapter width / prompt tokens; None = the default
+    dim: int | None = bounded(None, 1)        # LoRA rank / Adapter width / prompt tokens; None = the default
     dropout: float = bounded(0.1, 0, high=1)
     init: str = "official"
     prompt_mode: str = "shallow"              # peft.type=prompt only
@@ -54,7 +55,8 @@ class PeftConfig:
 
 @dataclass
 class MergingConfig:
-    r: Merging = None     # null | low | high | int | per-layer list of ints | {r: int, inflection: [-1, 1]}
+    # null | a named schedule (low, high) | int | a per-layer list of ints | {r: int, inflection: in [-1, 1]}
+    r: Merging = None
     pyra: bool = False
     prop_attn: bool = True
 
@@ -66,7 +68,7 @@ class DataConfig:
     train_split: str = "train800val200"
     eval_split: str = "test"
     normalization: str = "imagenet"
-    num_classes: int | None = bounded(None, 1)     # None = read from the dataset
+    num_classes: int | None = bounded(None, 1)  # None = read from the dataset
     augment: str = ""
     num_workers: int = bounded(4, 0)
     skip_bad_images: bool = False
@@ -176,13 +178,12 @@ def _model_errors(m: Mapping) -> tuple[list[str], int | None]:
 
 
 def _value_errors(cfg: Mapping) -> list[str]:
-    get = lambda key: get_dotted(cfg, key)  # noqa: E731
     owners = _owners_loadable()
-    errors = [f"{k}: expected one of {', '.join(v or repr(v) for v in _allowed(k))}; got {get(k)!r}"
-              for k in _OWNERS if owners and get(k) not in _allowed(k)]
+    errors = [f"{k}: expected one of {', '.join(v or repr(v) for v in _allowed(k))}; got {get_dotted(cfg, k)!r}"
+              for k in _OWNERS if owners and get_dotted(cfg, k) not in _allowed(k)]
     if not _DEVICE.fullmatch(cfg["train"]["device"]):
         errors.append(f"train.device: expected auto, cpu, cuda or cuda:N; got {cfg['train']['device']!r}")
-    errors += [f"{k}: must not be empty" for k in _NOT_EMPTY if not get(k)] + _SCHEMA.bound_errors(cfg)
+    errors += [f"{k}: must not be empty" for k in _NOT_EMPTY if not get_dotted(cfg, k)] + _SCHEMA.bound_errors(cfg)
     betas, warmup, epochs = cfg["optim"]["betas"], cfg["sched"]["warmup_epochs"], cfg["train"]["epochs"]
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         errors.append(f"optim.betas: expected 2 floats in [0, 1), got {list(betas)}")
