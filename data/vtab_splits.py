@@ -1,7 +1,7 @@
 """VTAB-1k task definitions: names, class counts, TFDS sources, split strings and label derivations.
 
 Pure Python/numpy (no TensorFlow) so that the runtime loader, the builder, the verifier and the tests
-share one table. Split strings and derivations follow facts §6, which copies Google's
+share one table. Split strings and derivations follow Google's
 ``task_adaptation`` code; records are the dicts ``tfds.as_numpy`` yields.
 """
 from __future__ import annotations

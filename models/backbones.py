@@ -1,4 +1,4 @@
-"""The backbones PYRA adapts, their default PEFT width and their merging schedules (see docs/method.md).
+"""The backbones PYRA adapts, their default PEFT width and their merging schedules (see models/README.md).
 
 One table, so that model creation, config validation and the VTAB configs agree on names,
 depths and the per-layer ``r`` lists of the paper's "low" and "high" settings.

@@ -1,4 +1,4 @@
-"""PYRA: parallel yielding re-activation of the tokens about to be merged (paper Sec. 3; docs/method.md)."""
+"""PYRA: parallel yielding re-activation of the tokens about to be merged (models/README.md §2)."""
 from __future__ import annotations
 
 import torch

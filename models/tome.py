@@ -3,7 +3,7 @@
 ``bipartite_soft_matching`` decides *which* tokens merge and returns closures that apply that decision
 to any tensor laid out like the tokens (features, sizes, source maps). PYRA hooks into ``merge``
 through its ``pyra`` argument: the re-activation sees the size-weighted source tokens and the
-destinations they are about to be summed into (PYRA paper, Sec. 3; formulas in docs/method.md).
+destinations they are about to be summed into (formulas in models/README.md).
 """
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ its config (``epochs - 1``); unfinished runs are left out of the means and liste
 Per task and per group, each accuracy is the mean ± sample standard deviation over seeds, with n: the
 best test top-1 over the evaluations (the papers' convention), the last-epoch test top-1, and the
 validation-selected test top-1 (scripts/sweep.py: grid chosen on val200, winner retrained on
-train800val200, its last-epoch test top-1). The paper's "average" is the mean of the three group means
-(facts §6), not the mean of the 19 tasks, so both are reported. ``--compare A B`` adds per-task and
+train800val200, its last-epoch test top-1). The paper's "average" is the mean of the three group means,
+not the mean of the 19 tasks, so both are reported. ``--compare A B`` adds per-task and
 per-group differences B − A, each flagged "within seed noise" unless Welch's t-test (two-sided, unequal
 variances, over the per-seed values) gives p < 0.05.
 """
