@@ -334,10 +334,12 @@ LEAF_MERGING = {  # merging base -> (merging.r, merging.pyra)
     "pyra_low": ("low", True), "pyra_high": ("high", True),
 }
 LEAVES = [(b, p, m) for b in LEAF_MODELS for p in ("lora", "adapter") for m in LEAF_MERGING]
+LEAVES += [("vit_b16", "prompt", m) for m in LEAF_MERGING]          # visual prompts: ViT-B/16 only
+LEAF_PEFT_DIM = {"lora": None, "adapter": None, "prompt": 10}     # None = the backbone's default width
 
 
-def test_the_grid_has_sixty_leaves_and_nothing_else():
-    assert len(LEAVES) == 60
+def test_the_grid_has_its_65_leaves_and_nothing_else():
+    assert len(LEAVES) == 65
     found = sorted(p.relative_to(CONFIGS).as_posix() for b in LEAF_MODELS for p in (CONFIGS / b).glob("*.yaml"))
     assert found == sorted(f"{b}/{p}_{m}.yaml" for b, p, m in LEAVES)
 
@@ -349,7 +351,7 @@ def test_leaf_resolves_to_its_experiment(backbone, peft, merging):
     name = LEAF_MODELS[backbone]
     assert cfg.model.name == name
     assert cfg.model.pretrained == f"weight/{BACKBONES[name].checkpoint}"
-    assert (cfg.peft.type, cfg.peft.dim, cfg.peft.dropout) == (peft, None, 0.1)
+    assert (cfg.peft.type, cfg.peft.dim, cfg.peft.dropout) == (peft, LEAF_PEFT_DIM[peft], 0.1)
     assert (cfg.merging.r, cfg.merging.pyra, cfg.merging.prop_attn) == (*LEAF_MERGING[merging], True)
     if cfg.merging.r is not None:
         assert len(named_schedule(cfg.merging.r, name)) == BACKBONES[name].depth
@@ -386,7 +388,7 @@ def test_generate_writes_idempotently_and_check_detects_drift(tmp_path, monkeypa
     assert generator.main(["--check"]) == 1                 # everything missing
     assert generator.main([]) == 0
     files = sorted(tmp_path.rglob("*.yaml"))
-    assert len(files) == 71                                 # 60 leaves + 6 model bases + 5 merging bases
+    assert len(files) == 76                                 # 65 leaves + 6 model bases + 5 merging bases
     snapshot = {p: p.read_text() for p in files}
     assert generator.main([]) == 0 and {p: p.read_text() for p in files} == snapshot
     assert generator.main(["--check"]) == 0
