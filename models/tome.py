@@ -36,9 +36,10 @@ def bipartite_soft_matching(
     (cosine); the ``r`` A tokens with the best scores merge into their picks, best first. The first
     ``protected`` tokens (default: the class token and a distillation token, as in ToMe; with visual
     prompts also the prompts that follow them) never merge and never receive: those in A get no
-    score, those in B are never picked, so they take no part in the bipartite split, and they keep
-    their positions. ``r`` is clamped to half the unprotected tokens; at 0 both closures are the
-    identity. Output order: ``[unmerged A, B]``, or ``[protected, rest of A, rest of B]``.
+    score, those in B are never picked, so they take no part in the matching, and they keep their
+    positions. The other tokens keep ToMe's split by absolute position (even → A, odd → B). ``r``
+    is clamped to half the unprotected tokens; at 0 both closures are the identity. Output order:
+    ``[unmerged A, B]``, or ``[protected, rest of A, rest of B]``.
     """
     if distill_token and not class_token:
         raise ValueError("a distillation token follows the class token: distill_token needs class_token")
