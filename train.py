@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import signal
 import sys
@@ -26,12 +25,12 @@ import torch.nn as nn
 from lib.benchmark import count_flops, measure_throughput, merged_speedup, tokens_per_layer
 from lib.build import build_model
 from lib.checkpointing import atomic_write, load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state
-from lib.config import ConfigError, config_to_dict, load_config, save_config
+from lib.config import ConfigError, config_to_dict, load_config, resolve_config, save_config
 from lib.data import DataError, build_dataset, canonical_task, check_class_counts
 from lib.distributed import all_reduce_sum, cleanup, init_distributed, is_main, select_device
 from lib.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
 from lib.loaders import build_eval_loader, build_train_loader
-from lib.logger import JsonLog, setup_logger
+from lib.logger import JsonLog, TensorBoardLog, setup_logger
 from lib.optim import build_optimizer, build_scheduler
 from lib.runs import RunFolderError, RunLock, check_writable, config_changes
 from models import CheckpointError, param_report, trainable_state_dict
@@ -162,7 +161,7 @@ def start_run(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool
         ckpt, changes = None, []
         if resume_from is not None:
             ckpt = load_run_checkpoint(resume_from)
-            diff = config_changes(ckpt.get("config", {}), config_to_dict(cfg))
+            diff = config_changes(*_comparable(ckpt, cfg))
             if diff and not allow_change:
                 lines = "\n  ".join(f"{k}: run {a!r} -> now {b!r}" for k, a, b in diff)
                 raise ConfigError(f"resuming {resume_from} with a different recipe changes its results; "
@@ -176,6 +175,15 @@ def start_run(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool
             shutil.rmtree(made, ignore_errors=True)
         raise
     return out, lock, ckpt, changes, made
+
+
+def _comparable(ckpt: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's config and ``cfg`` in the same form: resolved (what the model really has) when the
+    checkpoint recorded that, so ``--config <run>/config.yaml`` resumes the run it came from."""
+    if "resolved_config" not in ckpt:
+        return ckpt.get("config", {}), config_to_dict(cfg)
+    probe = build_model(cfg, num_classes=1, pretrained=False)  # random weights: only its shape matters
+    return ckpt["resolved_config"], config_to_dict(resolve_config(cfg, probe))
 
 
 def write_run_config(cfg: Any, path: Path, history: list[str]) -> None:
@@ -223,17 +231,20 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
     train_set = build_dataset(cfg.data, cfg.data.train_split, cfg.model.img_size, is_train=True)
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.model.img_size, is_train=False)
     check_class_counts(train_set, eval_set)
-    per_rank = math.ceil(len(train_set) / dist.world_size)
-    if cfg.train.drop_last and cfg.train.batch_size > per_rank:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {per_rank} samples of "
-                          f"split {cfg.data.train_split!r} per process, and train.drop_last=true would drop them all")
+    if cfg.train.batch_size % dist.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide among the "
+                          f"{dist.world_size} processes (each takes batch / {dist.world_size})")
+    if cfg.train.drop_last and cfg.train.batch_size > len(train_set):
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train_set)} images of "
+                          f"split {cfg.data.train_split!r}, and train.drop_last=true would drop them all")
     log.info(f"data: {train_set} / {eval_set}")
 
     model = build_model(cfg, train_set.num_classes).to(device)
     eff = efficiency_report(model, cfg, device)
     log_efficiency(eff)
+    resolved = resolve_config(cfg, model)  # the rank, per-layer r and sizes that really train
     if is_main():
-        write_run_config(cfg, out / "config.yaml", history)
+        write_run_config(resolved, out / "config.yaml", history)
         atomic_write(out / "efficiency.json", lambda tmp: Path(tmp).write_text(json.dumps(eff, indent=2)))
 
     pin = device.type == "cuda"
@@ -245,6 +256,10 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
 
     json_log = JsonLog(out / "log.txt")
+    try:
+        board = TensorBoardLog(out) if cfg.log.tensorboard and is_main() else None
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
     start_epoch, epoch_state, best = 0, EpochState(), {"acc1": -1.0, "epoch": -1}
     if ckpt is not None:
         missing = [k for k in trainable_state_dict(model) if k not in ckpt["model"]]
@@ -279,14 +294,14 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
             path, model=trainable_state_dict(model), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
             next_epoch=next_epoch, epoch_state=vars(state).copy(), best=best, rng=rng_state(),
-            config=config_to_dict(cfg), config_history=history)
+            config=config_to_dict(cfg), resolved_config=config_to_dict(resolved), config_history=history)
 
     if stop():
         log.info(f"stopped by signal {stop.signal} before training started; nothing to save")
         return {"interrupted": True, "signal": stop.signal}
     for epoch in range(start_epoch, cfg.train.epochs):
         scheduler.step(epoch)  # epoch e trains at lr(e)
-        sampler.set_position(epoch, epoch_state.samples)
+        sampler.set_position(epoch, epoch_state.step)
         loader_gen.manual_seed(cfg.seed * 1000 + epoch)
         lr = optimizer.param_groups[0]["lr"]
         epoch_state = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch, epoch_state,
@@ -316,10 +331,14 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
         if is_main():
             if record is not None:
                 json_log.append(record)
+                if board is not None:
+                    board.append(record)
             save(out / "last.pth", epoch + 1, epoch_state)
             if record is not None and best["epoch"] == epoch:
                 atomic_write(out / "best.pth", lambda tmp: shutil.copyfile(out / "last.pth", tmp))
 
+    if board is not None:
+        board.close()
     last = json.loads((out / "log.txt").read_text().splitlines()[-1]) if is_main() else {}
     final = {"best_acc1": best["acc1"], "best_epoch": best["epoch"], "last_acc1": last.get("test_acc1"),
              "epochs": cfg.train.epochs, "finished": True}

@@ -1,45 +1,79 @@
-"""DataLoaders: a resumable shuffled shard per rank for training, a disjoint unpadded shard for evaluation."""
+"""DataLoaders: each rank's share of the global training batches (resumable), a disjoint unpadded eval shard."""
 from __future__ import annotations
 
-import itertools
+import math
 import signal
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .distributed import DistInfo
 
-__all__ = ["ResumableSampler", "build_train_loader", "build_eval_loader"]
+__all__ = ["GlobalBatchSampler", "build_train_loader", "build_eval_loader"]
 
 
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffled by seed + epoch, one shard per rank) that can start mid-epoch."""
+class GlobalBatchSampler(Sampler[int]):
+    """This rank's share of the global batches one process would draw: the recipe does not depend on N.
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = False) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
-        self.start = 0
+    Each epoch's permutation (seeded by ``seed + epoch``) is cut into global batches of ``batch_size``;
+    rank r takes the r-th contiguous slice of each. So N processes train on exactly the images, in the
+    same optimizer steps, as one process with the same seed and batch. ``drop_last`` drops an incomplete
+    last global batch (the official loader's behaviour); otherwise it is split as evenly as possible
+    (padded from the epoch's start if it has fewer images than processes). ``set_position`` resumes
+    mid-epoch after ``start_step`` steps.
+    """
 
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        """Epoch ``epoch``, skipping its first ``start`` samples of this rank (resume after pre-emption)."""
-        self.set_epoch(epoch)
-        self.start = start
+    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int,
+                 drop_last: bool) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} does not divide among {world_size} processes")
+        self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
+        self.seed, self.drop_last = seed, drop_last
+        self.epoch = self.start_step = 0
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per epoch (the same for every number of processes)."""
+        return self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def global_batches(self) -> list[list[int]]:
+        """Every global batch of the current epoch, in order (from step 0)."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        batches = [order[i:i + self.batch_size] for i in range(0, self.steps * self.batch_size, self.batch_size)]
+        if batches and len(batches[-1]) < self.world_size:
+            batches[-1] += order[:self.world_size - len(batches[-1])]
+        return batches
+
+    def _share(self, batch: list[int]) -> list[int]:
+        size, extra = divmod(len(batch), self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return batch[start:start + size + (self.rank < extra)]
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
+        for batch in self.global_batches()[self.start_step:]:
+            yield from self._share(batch)
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return sum(len(self._share(b)) for b in self.global_batches()[self.start_step:])
 
 
 def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, seed: int, num_workers: int,
-                       drop_last: bool, pin_memory: bool) -> tuple[DataLoader, ResumableSampler, torch.Generator]:
-    """The loader draws worker seeds from its own generator (re-seeded each epoch), never from the global
-    RNG, so a run resumed mid-epoch sees the same dropout masks as an uninterrupted one."""
-    sampler = ResumableSampler(dataset, dist.world_size, dist.rank, seed=seed, drop_last=False)
+                       drop_last: bool, pin_memory: bool) -> tuple[DataLoader, GlobalBatchSampler, torch.Generator]:
+    """Training batches for this rank; ``batch_size`` is the global batch (each of N processes takes 1/N).
+
+    The loader draws worker seeds from its own generator (re-seeded each epoch), never from the global
+    RNG, so a run resumed mid-epoch sees the same dropout masks as an uninterrupted one.
+    """
+    sampler = GlobalBatchSampler(len(dataset), batch_size, dist.world_size, dist.rank, seed, drop_last)
     generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=pin_memory, drop_last=drop_last, generator=generator,
+    loader = DataLoader(dataset, batch_size=batch_size // dist.world_size, sampler=sampler,
+                        num_workers=num_workers, pin_memory=pin_memory, generator=generator,
                         persistent_workers=False, worker_init_fn=_ignore_interrupts)
     return loader, sampler, generator
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from .checkpointing import atomic_write
 
-__all__ = ["setup_logger", "JsonLog"]
+__all__ = ["setup_logger", "JsonLog", "TensorBoardLog"]
 
 
 def setup_logger(log_file: Path | None, main_process: bool = True) -> logging.Logger:
@@ -56,3 +56,29 @@ class JsonLog:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by the kill
         atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+
+
+class TensorBoardLog:
+    """An optional second log (``log.tensorboard: true``): per-epoch scalars under ``<run>/tensorboard``.
+
+    Needs the ``tensorboard`` package (``pip install tensorboard``), which the project does not require.
+    """
+
+    SCALARS = ("train_loss", "train_lr", "test_loss", "test_acc1", "test_acc5", "best_acc1")
+
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("log.tensorboard=true needs the optional tensorboard package: "
+                              "pip install tensorboard (or set log.tensorboard=false)") from None
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def append(self, record: dict[str, Any]) -> None:
+        for key in self.SCALARS:
+            if record.get(key) is not None:
+                self.writer.add_scalar(key, record[key], global_step=record["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

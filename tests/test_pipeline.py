@@ -131,7 +131,7 @@ def test_ddp_two_processes_matches_single_process(digits_root, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits.yaml")]
-    cmd += overrides(digits_root, out, *extra, "train.batch_size=25")       # same global batch
+    cmd += overrides(digits_root, out, *extra, "train.batch_size=50")       # the global batch: 25 per process
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single, ddp = log_lines(tmp_path / "single" / "t" / "digits" / "seed0"), log_lines(out / "t" / "digits" / "seed0")
@@ -139,7 +139,7 @@ def test_ddp_two_processes_matches_single_process(digits_root, tmp_path):
     assert (out / "t" / "digits" / "seed0" / "train.log").read_text().count("epoch 1:") == 1
     for a, b in zip(single, ddp):
         assert abs(a["test_acc1"] - b["test_acc1"]) <= 0.3                  # same data order, same global batch
-        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4                 # the same images in every step
     # the distributed evaluation is exact: a single process evaluating the DDP weights gets the same accuracy
     proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--config", str(out / "t" / "digits" / "seed0" / "config.yaml"),
                            "--checkpoint", str(out / "t" / "digits" / "seed0" / "last.pth"), "--runs", "1", "--json", "-"],

@@ -283,3 +283,14 @@ def test_demo_config_without_data_says_how_to_make_it(tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)   # no data/demo here
     assert train_script.main(["--config", CONFIG, "output_dir=o", "train.epochs=1"]) == 2
     assert "python -m data.make_digits" in error_line(capsys)
+
+
+def test_resuming_from_the_saved_resolved_config_is_the_same_recipe(root, killed_run, tmp_path):
+    out = copy_run(killed_run, tmp_path / "out")
+    saved = run_folder(out) / "config.yaml"
+    text = saved.read_text()
+    assert "dim: 4" in text and "r: [4, 2]" in text and "depth: 2" in text and "patch_size: 4" in text
+    saved_copy = tmp_path / "saved.yaml"
+    saved_copy.write_text(text.replace(str(killed_run), str(out)))
+    assert train_script.main(["--config", str(saved_copy), "--resume", "auto"]) == 0
+    assert (run_folder(out) / "final.json").exists()
