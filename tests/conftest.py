@@ -1,8 +1,8 @@
 """Shared test fixtures."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from PIL import Image
 # ---------------------------------------------------------------------------------------------------
 # Data fixtures: small VTAB-1k task folders written with PIL (independent of data/build_vtab.py).
 
-def write_vtab_task(root: Path, task: str = "cifar", sizes: Optional[Dict[str, int]] = None, test_size: int = 4,
+def write_vtab_task(root: Path, task: str = "cifar", sizes: dict[str, int] | None = None, test_size: int = 4,
                     num_classes: int = 10, image_size: int = 4, seed: int = 0) -> Path:
     """Write ``root/task`` in the VTAB-1k layout with distinct random PNGs; labels cycle over the classes.
 
@@ -20,7 +20,7 @@ def write_vtab_task(root: Path, task: str = "cifar", sizes: Optional[Dict[str, i
     sizes = sizes or {"train800": 800, "val200": 200}
     rng = np.random.default_rng(seed)
     task_dir = Path(root) / task
-    lists: Dict[str, list] = {}
+    lists: dict[str, list] = {}
     for split, count in (("train800", sizes["train800"]), ("val200", sizes["val200"]), ("test", test_size)):
         (task_dir / "images" / split).mkdir(parents=True, exist_ok=True)
         lines = []

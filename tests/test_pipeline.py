@@ -141,8 +141,9 @@ def test_ddp_two_processes_matches_single_process(digits_root, tmp_path):
         assert abs(a["test_acc1"] - b["test_acc1"]) <= 0.3                  # same data order, same global batch
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4                 # the same images in every step
     # the distributed evaluation is exact: a single process evaluating the DDP weights gets the same accuracy
-    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--config", str(out / "t" / "digits" / "seed0" / "config.yaml"),
-                           "--checkpoint", str(out / "t" / "digits" / "seed0" / "last.pth"), "--runs", "1", "--json", "-"],
+    run = out / "t" / "digits" / "seed0"
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "--config", str(run / "config.yaml"),
+                           "--checkpoint", str(run / "last.pth"), "--runs", "1", "--json", "-"],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
