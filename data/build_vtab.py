@@ -189,9 +189,19 @@ def _builder(tfds: Any, spec: TaskSpec, tfds_dir: str | None, manual_dir: str | 
             raise RuntimeError(f"{spec.name}: preparing {name} failed: {err}; "
                                f"pip install -r {REQUIREMENTS}") from err
         except Exception as err:  # network, checksum or manual-download failures
-            hint = f" {spec.manual}" if spec.manual else ""
+            hint = ""
+            if spec.manual:
+                hint = f" {spec.manual} Manual dir used: {_manual_dir(builder, tfds_dir, manual_dir)}"
             raise RuntimeError(f"{spec.name}: preparing {name} failed: {err}.{hint}") from err
     return builder
+
+
+def _manual_dir(builder: Any, tfds_dir: str | None, manual_dir: str | None) -> str:
+    """The folder TFDS looks in for manual downloads: --manual-dir, else <TFDS data dir>/downloads/manual."""
+    if manual_dir:
+        return str(manual_dir)
+    root = tfds_dir or getattr(builder, "data_dir_root", None) or "~/tensorflow_datasets"
+    return str(Path(str(root)).expanduser() / "downloads" / "manual")
 
 
 def _split_sizes(builder: Any) -> dict[str, int]:

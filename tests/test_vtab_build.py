@@ -434,3 +434,12 @@ def test_missing_importlib_resources_is_named_not_blamed_on_manual_download(tmp_
     with pytest.raises(RuntimeError, match=r"No module named 'cv2'; pip install -r data/requirements-vtab.txt") as err:
         build_task("resisc45", tmp_path)
     assert "NWPU" not in str(err.value)
+
+
+def test_manual_download_message_names_the_folder_used(tmp_path, fake_tfds):
+    fake_tfds.config.update(error=AssertionError("Manual directory does not exist or is empty"))
+    with pytest.raises(RuntimeError, match=r"NWPU-RESISC45/<class name>/.*Manual dir used: /m/manual$"):
+        build_task("resisc45", tmp_path, manual_dir="/m/manual")
+    with pytest.raises(RuntimeError, match=r"trainLabels\.csv.*retinopathy_solution\.csv.*Manual dir used: "
+                                           r"/tfds/downloads/manual$"):
+        build_task("diabetic_retinopathy", tmp_path, tfds_dir="/tfds")

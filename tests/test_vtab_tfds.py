@@ -19,8 +19,8 @@ the table's name and version pattern, ``DatasetInfo`` is restored from ``dataset
   written here from VTAB's definitions (not data/vtab_splits.py), the on-disk order, and ``verify_vtab``'s
   verdict (``--deep``, no problem, no warning), plus the versions recorded in the manifest.
 - The full build (VTAB's real split sizes: about 400,000 images, written as PNG so the check can read the
-  index back exactly) runs once per session, split over up to two worker processes, into /dev/shm when it
-  has room.
+  index back exactly) runs once per session, split over one worker process per CPU (at most 4), into
+  /dev/shm when it has room.
 """
 from __future__ import annotations
 
@@ -368,13 +368,13 @@ def _groups(count):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """All 19 tasks built and verified once: ~400,000 tiny images, so in memory (/dev/shm) where there is
-    room, by one worker process per CPU (at most 2), each building and verifying about half of the examples."""
+    room, by one worker process per CPU (at most 4), each building and verifying an equal share of them."""
     logs = tmp_path_factory.mktemp("vtab-logs")
     shm = Path("/dev/shm")
     in_memory = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 4 * 2**30
     out = Path(tempfile.mkdtemp(prefix="pyra-vtab-tfds-", dir=shm)) if in_memory else tmp_path_factory.mktemp("vtab")
     try:
-        groups = _groups(min(2, os.cpu_count() or 1))
+        groups = _groups(min(4, os.cpu_count() or 1))
         procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(out), str(logs / f"group{i}.json"), *group],
                                   cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
                  for i, group in enumerate(groups)]
