@@ -196,7 +196,8 @@ def visualize(image: str, cfg: Any, layers: Sequence[int] | None = None, out: st
     axes[0, 0].set_title("input", fontsize=9)
     result: dict[str, Any] = {"layers": {}, "reports": reports, "r": list(model.r), "out": out}
     for ax, i in zip(axes[0, 1:], layers):
-        labels = source_to_labels(sources[i], grid, model.num_prefix_tokens)
+        # Class / distillation tokens and visual prompts come first and stand for no patch.
+        labels = source_to_labels(sources[i], grid, model.num_prefix_tokens + model.num_prompt_tokens)
         ax.imshow(np.clip(render_groups(big, labels, fill, seed), 0, 1))
         n_tokens = sources[i].shape[0]
         ax.set_title(f"after block {i}: {n_tokens} tokens", fontsize=9)
