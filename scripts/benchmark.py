@@ -359,7 +359,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 p.backends[bs] = sdpa_backends(lambda p=p: infer(p), device)
                 time_fn(lambda p=p: infer(p), device, warmup=max(args.warmup - 2, 0), runs=0)
                 p.times[bs] = []
-            for v in train_variants:
+            for v in (train_variants if bs in args.train_batch_sizes else []):
                 m = copy.deepcopy(prepared[v].model)
                 steps[(v, bs)] = dict(step=make_train_step(m, bs, args.num_classes, img_size, device, args.precision),
                                       times=[])
@@ -377,11 +377,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for key in _rotate(keys, rnd):   # no variant always runs first
                     p = prepared[key]
                     p.times[bs].append(time_fn(lambda p=p: infer(p), device, warmup=0, runs=args.runs))
-                for v in _rotate(train_variants, rnd):
+                for v in _rotate([v for v in train_variants if (v, bs) in steps], rnd):
                     s = steps[(v, bs)]
                     s["times"].append(time_fn(s["step"], device, warmup=0, runs=args.train_runs))
             loads[bs].append(os.getloadavg()[0])
-            for v in train_variants:   # free the training copies before the next batch size
+            for v in [v for v in train_variants if (v, bs) in steps]:   # free the training copies
                 steps[(v, bs)]["step"] = None
 
             if not args.no_e2e:
@@ -396,7 +396,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(e2e_root, ignore_errors=True)
 
     memory: dict[tuple, float] = {}
-    jobs = [(v, bs) for bs in args.batch_sizes for v in train_variants]
+    jobs = [(v, bs) for bs in args.batch_sizes for v in train_variants if (v, bs) in steps]
     if jobs and device.type == "cpu":
         memory = _memory_in_subprocesses(args, jobs)
     elif jobs:
@@ -409,7 +409,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for bs in args.batch_sizes:
         peak_rounds = peaks[bs][args.precision]
         ref_rounds = _round_medians(reference.times[bs])
-        train_ref = _round_medians(steps[(Variant(REFERENCE), bs)]["times"]) if train_variants else None
+        ref_step = steps.get((Variant(REFERENCE), bs))
+        train_ref = _round_medians(ref_step["times"]) if ref_step else None
         for v, p in prepared.items():
             median_s, spread = _median_over_rounds(p.times[bs])
             rounds = _round_medians(p.times[bs])
@@ -453,6 +454,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                peak_gflops_rounds={str(bs): [p / 1e9 for p in peaks[bs]["fp32"]] for bs in args.batch_sizes},
                peak_gflops_precision_rounds={str(bs): [p / 1e9 for p in peaks[bs][args.precision]]
                                              for bs in args.batch_sizes},
+               omp_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
                peak_size=args.peak_size, load_avg_start=load_start[0], load_avg_end=os.getloadavg()[0],
                load_avg_rounds={str(bs): loads[bs] for bs in args.batch_sizes}, cpu_count=os.cpu_count(),
                memory_method=("cuda max_memory_allocated" if device.type == "cuda"
@@ -460,7 +462,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     config = dict(config=str(args.config), overrides=list(args.overrides), model=ref_cfg.model.name,
                   peft=ref_cfg.peft.type, num_classes=args.num_classes, img_size=img_size,
                   batch_sizes=list(args.batch_sizes), rounds=args.rounds, runs_per_round=args.runs,
-                  train_runs_per_round=args.train_runs, fold=args.fold, compile=args.compile,
+                  train_runs_per_round=args.train_runs, train_batch_sizes=list(args.train_batch_sizes),
+                  fold=args.fold, compile=args.compile,
                   attention=list(args.attention), train=not args.no_train, end_to_end=not args.no_e2e,
                   e2e_workers=workers, e2e_batches=args.e2e_batches, e2e_image_size=args.e2e_image_size,
                   pretrained=args.pretrained, command=" ".join(["python scripts/benchmark.py", *args.argv]),
@@ -533,6 +536,9 @@ def plot_curve(report: dict[str, Any], path: Path) -> Path:
         ax.plot(entry["batch_sizes"], entry["ratio_to_plain"], marker="o", label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
+    ticks = sorted({b for entry in report["speedup_curve"].values() for b in entry["batch_sizes"]})
+    ax.set_xticks(ticks, [str(b) for b in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("batch size")
     ax.set_ylabel("images/s ÷ plain (same round)")
     e, c = report["env"], report["config"]
@@ -549,7 +555,8 @@ def plot_curve(report: dict[str, Any], path: Path) -> Path:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (lib.config syntax)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides (lib.config syntax), anywhere on the command line")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="the config every setting starts from")
     p.add_argument("--settings", nargs="+", help=f"subset of {list(MERGING_SETTINGS)} ('plain' = 'none'; "
                                                  f"the reference is always added)")
@@ -571,6 +578,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", nargs="+", default=["mask"], choices=["mask", "feature"],
                    help="forms of proportional attention to measure (models.vit.set_size_bias)")
     p.add_argument("--no-train", action="store_true", help="skip the training step and memory measurements")
+    p.add_argument("--train-batch-sizes", type=int, nargs="+", default=None,
+                   help="the batch sizes with training measurements (default: all of --batch-sizes)")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end pass through the data path")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the end-to-end pass "
                                                              "(default: the config's data.num_workers)")
@@ -587,8 +596,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory-batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory-attention", default="mask", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args_argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value tokens are overrides wherever they stand (also after a multi-value option such as --settings)
+    overrides = [a for a in args_argv if "=" in a and not a.startswith("-")]
+    args = p.parse_args([a for a in args_argv if a not in overrides])
+    args.overrides = overrides
+    args.argv = args_argv
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     if args.peak_size is None:
@@ -596,6 +609,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.e2e_batches < 2:
         p.error("--e2e-batches must be at least 2 (the first batch is not timed)")
     args.warmup = max(args.warmup, 2)
+    if args.train_batch_sizes is None:
+        args.train_batch_sizes = list(args.batch_sizes)
     try:
         _settings(args.settings)
     except ValueError as e:

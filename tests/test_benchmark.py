@@ -1,9 +1,12 @@
-"""Benchmark harness: efficiency arithmetic, fvcore counts by hand, and a tiny end-to-end run of every field."""
+"""Benchmark harness: efficiency arithmetic, the two FLOP counters by hand, a tiny run of the harness with every
+field of the record, and the README generator's round trip."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,15 +14,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib.benchmark import count_flops, efficiency, matmul_peak, peak_memory_mb, sdpa_flop_jit
+import lib.build
+from lib.benchmark import (
+    count_flops,
+    efficiency,
+    flop_counts,
+    matmul_peak,
+    peak_memory_mb,
+    sdpa_backends,
+    sdpa_flop_jit,
+    write_vtab_images,
+)
+from lib.data import build_dataset
 from models import create_model
+from models.backbones import MERGING_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+def _load_script(name: str = "benchmark"):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -90,57 +106,199 @@ def test_peak_memory_sees_a_large_allocation():
     assert 48 < grown < 200
 
 
-TINY = ["--model", "vit", "--embed-dim", "32", "--depth", "12", "--num-heads", "2", "--patch-size", "16",
-        "--img-size", "64", "--batch-size", "2", "--threads", "1", "--rounds", "2", "--runs", "1",
-        "--train-runs", "1", "--warmup", "1", "--memory-steps", "1", "--peak-size", "128",
-        "--settings", "pyra_high"]
+def _hand_parts(dim: int, depth: int, patch: int, img: int, rank: int, classes: int) -> dict[str, int]:
+    """The multiply-adds of ``_hand_count`` split by what each counter sees."""
+    patches = (img // patch) ** 2
+    n = patches + 1
+    matmuls = (patches * dim * 3 * patch * patch + dim * classes
+               + depth * (n * dim * 8 * dim + n * 4 * dim * dim + n * dim * rank + n * rank * 3 * dim))
+    return dict(matmuls=matmuls, attention=depth * n * n * 2 * dim, norms=(2 * depth + 1) * 5 * n * dim)
 
 
-def test_main_tiny_emits_every_field(tmp_path):
+def test_flop_counts_two_counters_and_the_hidden_attention():
+    dim, depth, heads, patch, img, rank, classes = 32, 2, 4, 8, 32, 4, 10
+    model = create_model("vit", num_classes=classes, embed_dim=dim, depth=depth, num_heads=heads,
+                         patch_size=patch, img_size=img, peft="lora", peft_dim=rank)
+    parts = _hand_parts(dim, depth, patch, img, rank, classes)
+    counts = flop_counts(model, img)
+    # fvcore: multiply-adds of everything but the fused CPU attention kernel (LayerNorm included).
+    assert counts["fvcore_flops"] == parts["matmuls"] + parts["norms"]
+    assert counts["attention_macs"] == parts["attention"]
+    assert counts["fvcore_flops"] + counts["attention_macs"] == count_flops(model, img)
+    # FlopCounterMode: two FLOPs per multiply-add, no LayerNorm, and it does not see the CPU fused kernel.
+    assert not counts["torch_counts_attention"]
+    assert counts["torch_flops"] == 2 * parts["matmuls"]
+
+
+def test_sdpa_backends_names_the_kernel_of_each_call():
+    q = torch.randn(1, 2, 5, 8)
+    assert sdpa_backends(lambda: [F.scaled_dot_product_attention(q, q, q) for _ in range(3)],
+                         torch.device("cpu")) == ["flash (cpu)"] * 3
+    assert sdpa_backends(lambda: (q @ q.transpose(-1, -2)).softmax(-1) @ q, torch.device("cpu")) == []
+
+
+def test_harness_images_are_a_vtab_task_the_data_path_reads(tmp_path):
+    write_vtab_images(tmp_path, "bench", 5, num_classes=3, size=(40, 30))
+    dataset = build_dataset({"root": str(tmp_path), "task": "bench"}, "test", 24, is_train=False)
+    assert len(dataset) == 5 and dataset.num_classes == 3
+    image, label = dataset[4]
+    assert image.shape == (3, 24, 24) and label == 1
+    assert (tmp_path / "bench" / "train800val200.txt").is_file()
+
+
+TINY = ["model.name=vit", "model.embed_dim=32", "model.depth=12", "model.num_heads=2", "model.patch_size=16",
+        "model.img_size=64", "--threads", "1", "--rounds", "2", "--runs", "1", "--train-runs", "1",
+        "--memory-steps", "1", "--peak-size", "128", "--workers", "1", "--e2e-image-size", "48"]
+
+
+def _typed(value, types) -> bool:
+    allowed = tuple(t for t in types if t is not None)
+    if value is None:
+        return None in types
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+
+
+def test_main_tiny_emits_every_field_with_its_type(tmp_path):
+    script = _load_script()
     out = tmp_path / "bench.json"
-    report = _load_script().main([*TINY, "--json", str(out), "--profile", str(tmp_path / "prof")])
+    report = script.main([*TINY, "--settings", "pyra_high", "--batch-sizes", "1", "2", "--train-batch-sizes", "2",
+                          "--json", str(out), "--profile", str(tmp_path / "prof")])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    machine = saved["machine"]
-    for key in ("device_name", "threads", "torch_version", "peak_gflops"):
-        assert machine[key]
-    assert machine["threads"] == 1 and machine["peak_gflops"] > 0
+    env = saved["env"]
+    for key, types in script.ENV_FIELDS.items():
+        assert _typed(env[key], types), (key, env[key])
+    assert env["threads"] == 1 and env["device"] == "cpu" and env["precision"] == "fp32"
+    assert env["torch"] == torch.__version__ and len(env["commit"].split("+")[0]) == 40
+    assert all(len(loads) == 3 for loads in env["load_avg_rounds"].values())
 
-    rows = {(r["setting"], r["folded"]): r for r in saved["results"]}
-    assert set(rows) == {("plain", False), ("plain", True), ("pyra_high", False), ("pyra_high", True)}
-    fields = ("setting", "folded", "images_per_s", "batch", "flops", "gflops", "params", "trainable",
-              "ratio_to_plain", "train_step_s", "train_ratio", "peak_mem_mb", "efficiency")
-    for (setting, folded), row in rows.items():
-        assert all(f in row for f in fields)
-        assert row["batch"] == 2
-        for f in ("images_per_s", "flops", "gflops", "params", "trainable", "ratio_to_plain", "efficiency"):
-            assert row[f] > 0, (setting, folded, f)
+    rows = {(r["label"], r["batch_size"]): r for r in saved["results"]}
+    labels = ["plain", "plain folded", "pyra_high", "pyra_high folded"]
+    assert set(rows) == {(label, bs) for label in labels for bs in (1, 2)}
+    for (label, bs), row in rows.items():
+        for key, types in script.ROW_FIELDS.items():
+            assert _typed(row[key], types), (label, bs, key, row[key])
+        assert row["images_per_s"] > 0 and row["end_to_end_images_per_s"] > 0
+        assert row["fvcore_flops"] > 0 and row["torch_flops"] > 0 and row["attention_macs"] > 0
+        assert row["flops"] == row["fvcore_flops"] + row["attention_macs"]
         assert row["gflops"] == pytest.approx(row["flops"] / 2 ** 30)
-        per_round = [efficiency(row["flops"], row["batch"] / t, p * 1e9)
-                     for t, p in zip(row["round_s"], machine["peak_gflops_precision_rounds"])]
-        assert len(per_round) == 2 and row["efficiency"] == pytest.approx(sorted(per_round)[0] / 2
-                                                                           + sorted(per_round)[1] / 2)
+        assert row["sdpa_backends"] == ["flash (cpu)"] * 12
+        per_round = [efficiency(row["flops"], bs / t, p * 1e9)
+                     for t, p in zip(row["round_s"], env["peak_gflops_precision_rounds"][str(bs)])]
+        assert row["efficiency"] == pytest.approx(sorted(per_round)[0] / 2 + sorted(per_round)[1] / 2)
         train = ("train_step_s", "train_ratio", "peak_mem_mb")
-        if folded:  # folding is for inference: the LoRA parameters are gone
+        if row["folded"] or bs == 1:  # folding is for inference (the LoRA parameters are gone); no training at 1
             assert all(row[f] is None for f in train)
         else:
-            assert all(row[f] > 0 for f in train), (setting, row)
-    assert rows[("plain", False)]["ratio_to_plain"] == pytest.approx(1.0)
-    assert rows[("plain", False)]["train_ratio"] == pytest.approx(1.0)
-    # Merging removes work, PYRA adds its parameters, folding removes LoRA's.
-    assert rows[("pyra_high", False)]["flops"] < rows[("plain", False)]["flops"]
-    assert rows[("pyra_high", False)]["trainable"] > rows[("plain", False)]["trainable"]
-    assert rows[("plain", True)]["params"] < rows[("plain", False)]["params"]
+            assert all(row[f] > 0 for f in train), (label, row)
+        assert row["compile_s"] is None and row["attention"] == (None if label.startswith("plain") else "mask")
+    assert rows[("plain", 2)]["train_ratio"] == pytest.approx(1.0)
+    for bs in (1, 2):
+        assert rows[("plain", bs)]["ratio_to_plain"] == pytest.approx(1.0)
+        # Merging removes work, folding removes LoRA's.
+        assert rows[("pyra_high", bs)]["fvcore_flops"] < rows[("plain", bs)]["fvcore_flops"]
+        assert rows[("plain folded", bs)]["fvcore_flops"] < rows[("plain", bs)]["fvcore_flops"]
+    assert saved["speedup_curve"]["pyra_high"]["batch_sizes"] == [1, 2]
+    assert saved["speedup_curve"]["pyra_high"]["ratio_to_plain"] == [rows[("pyra_high", bs)]["ratio_to_plain"]
+                                                                     for bs in (1, 2)]
     profile = (tmp_path / "prof" / "profile_pyra_high_infer.txt").read_text()
     assert "aten::addmm" in profile and (tmp_path / "prof" / "profile_plain_train.txt").is_file()
     blocks = (tmp_path / "prof" / "profile_pyra_high_blocks.txt").read_text().splitlines()
     assert len(blocks) == 2 + 12 + 1 and blocks[2].split()[1] == "17->9"
 
 
+def test_models_come_from_the_one_build_path_and_the_one_settings_table(monkeypatch):
+    script = _load_script()
+    assert not hasattr(script, "SETTINGS")
+    for setting, (schedule, pyra, _) in MERGING_SETTINGS.items():
+        args = script.parse_args([*TINY, "merging.prop_attn=false"])
+        cfg = script.load_setting_config(args, setting)
+        assert cfg.merging.r == schedule and cfg.merging.pyra == pyra and cfg.merging.prop_attn is False
+        assert cfg.model.name == "vit" and cfg.model.img_size == 64
+    calls = []
+
+    def spy(cfg, num_classes, pretrained=True):
+        calls.append((cfg.merging.r, cfg.merging.pyra, num_classes, pretrained))
+        return lib.build.build_model(cfg, num_classes, pretrained=pretrained)
+
+    monkeypatch.setattr(script, "build_model", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # 64 px: the schedule is clamped to the 17 tokens
+        model = script.build(script.parse_args(TINY), "pyra_high", torch.device("cpu"))
+    assert calls == [("high", True, 100, False)] and model.r[:4] == [8, 4, 2, 1]
+
+
 def test_settings_always_include_the_reference():
     script = _load_script()
-    assert script._settings(["pyra_high"]) == ["plain", "pyra_high"]
-    assert script._settings(None) == list(script.SETTINGS)
+    assert script._settings(["pyra_high"]) == ["none", "pyra_high"]
+    assert script._settings(["plain", "tome_low"]) == ["none", "tome_low"]
+    assert script._settings(None) == list(MERGING_SETTINGS)
     with pytest.raises(ValueError):
         script._settings(["tome_medium"])
+    labels = [v.label for v in script._variants(script.parse_args([*TINY, "--attention", "mask", "feature",
+                                                                   "--compile", "both"]),
+                                                 ["none", "pyra_high"], has_lora=True)]
+    assert labels[0] == "plain" and "pyra_high feature-attn folded compiled" in labels
+    assert len(labels) == 2 * 2 + 2 * 2 * 2   # plain has no size bias, so one attention form
+
+
+@pytest.mark.benchmark
+def test_compiled_rows_report_compile_time_apart(tmp_path):
+    """torch.compile as a measured setting (slow: inductor compiles the tiny model)."""
+    report = _load_script().main([*TINY, "--settings", "none", "--fold", "no", "--compile", "both", "--no-train",
+                                  "--no-e2e", "--batch-sizes", "1", "--json", str(tmp_path / "c.json")])
+    rows = {r["label"]: r for r in report["results"]}
+    assert set(rows) == {"plain", "plain compiled"}
+    assert rows["plain compiled"]["compile_s"] > 0 and rows["plain compiled"]["images_per_s"] > 0
+    assert rows["plain"]["compile_s"] is None and rows["plain"]["end_to_end_images_per_s"] is None
+
+
+def _report_for_table() -> dict:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i, (label, folded) in enumerate([("plain", False), ("plain folded", True), ("pyra_high", False)]):
+        r = torch.rand(12, generator=g).tolist()
+        rows.append(dict(setting=label.split()[0], label=label, batch_size=8 * (i + 1), images_per_s=10 * r[0],
+                         end_to_end_images_per_s=None if i == 1 else 9 * r[1], ratio_to_plain=1 + r[2],
+                         fvcore_flops=int(17e9 * r[3]), torch_flops=int(34e9 * r[4]), attention_macs=int(1e9 * r[5]),
+                         efficiency=r[6], train_step_s=None if folded else 4 * r[7],
+                         train_ratio=None if folded else 1 + r[8], peak_mem_mb=None if folded else 1000 * r[9],
+                         compile_s=None, spread=r[10], sdpa_backends=["flash (cpu)"] * 12))
+    env = dict(device="cpu", device_name="CPU", threads=2, torch="2", timm="1", precision="fp32", allocator="glibc",
+               commit="0" * 40, peak_gflops=100.0, peak_size=2048, load_avg_rounds={"8": [1.0, 2.0]},
+               load_avg_start=1.0, load_avg_end=2.0)
+    config = dict(model="vit_base_patch16_224_in21k", peft="lora", num_classes=100, img_size=224, rounds=3,
+                  runs_per_round=3, end_to_end=True, e2e_workers=4, e2e_image_size=384, e2e_batches=3,
+                  timestamp="2026-01-01T00:00:00", command="python scripts/benchmark.py --threads 2")
+    return dict(env=env, config=config, results=rows)
+
+
+def test_readme_generator_round_trips_a_json(tmp_path):
+    table = _load_script("speed_table")
+    report = _report_for_table()
+    block = table.render(report)
+    parsed = table.parse_table(block)
+    assert len(parsed) == len(report["results"])
+    for back, row in zip(parsed, report["results"]):
+        for _header, key, spec, scale in table.COLUMNS:
+            if row[key] is None or spec in ("s", "d"):
+                assert back[key] == row[key], key
+            else:   # as shown: rounded to the printed digits
+                shown = table._cell(row, key, spec, scale)
+                assert table._cell(back, key, spec, scale) == shown, (key, shown)
+                digits = int(spec[1]) + (2 if spec.endswith("%") else 0)
+                assert back[key] == pytest.approx(row[key], abs=scale * 0.51 * 10 ** -digits), key
+    # Written into a README and checked against the JSON it came from.
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- speed:cpu:begin -->\nold\n<!-- speed:cpu:end -->\nrest\n", encoding="utf-8")
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(report), encoding="utf-8")
+    assert table.main([str(source), "--block", "cpu", "--check", str(readme)]) == 1
+    assert table.main([str(source), "--block", "cpu", "--write", str(readme)]) == 0
+    assert table.main([str(source), "--block", "cpu", "--check", str(readme)]) == 0
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("# x\n") and text.endswith("rest\n") and table.read_block(text, "cpu") == block
