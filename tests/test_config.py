@@ -335,7 +335,6 @@ LEAF_MERGING = {  # merging base -> (merging.r, merging.pyra)
 }
 LEAVES = [(b, p, m) for b in LEAF_MODELS for p in ("lora", "adapter") for m in LEAF_MERGING]
 LEAVES += [("vit_b16", "prompt", m) for m in LEAF_MERGING]          # visual prompts: ViT-B/16 only
-LEAF_PEFT_DIM = {"lora": None, "adapter": None, "prompt": 10}     # None = the backbone's default width
 
 
 def test_the_grid_has_its_65_leaves_and_nothing_else():
@@ -351,7 +350,7 @@ def test_leaf_resolves_to_its_experiment(backbone, peft, merging):
     name = LEAF_MODELS[backbone]
     assert cfg.model.name == name
     assert cfg.model.pretrained == f"weight/{BACKBONES[name].checkpoint}"
-    assert (cfg.peft.type, cfg.peft.dim, cfg.peft.dropout) == (peft, LEAF_PEFT_DIM[peft], 0.1)
+    assert (cfg.peft.type, cfg.peft.dim, cfg.peft.dropout) == (peft, None, 0.1)   # None: the default width / prompts
     assert (cfg.merging.r, cfg.merging.pyra, cfg.merging.prop_attn) == (*LEAF_MERGING[merging], True)
     if cfg.merging.r is not None:
         assert len(named_schedule(cfg.merging.r, name)) == BACKBONES[name].depth
