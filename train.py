@@ -341,7 +341,7 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
         board.close()
     last = json.loads((out / "log.txt").read_text().splitlines()[-1]) if is_main() else {}
     final = {"best_acc1": best["acc1"], "best_epoch": best["epoch"], "last_acc1": last.get("test_acc1"),
-             "epochs": cfg.train.epochs, "finished": True}
+             "epochs": cfg.train.epochs, "finished": True, "config": config_to_dict(cfg)}
     speed = merged_speedup(model, cfg.report.benchmark_batch, cfg.model.img_size, device,
                            cfg.train.precision) if is_main() and cfg.report.speedup else None
     if speed is not None:

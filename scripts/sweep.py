@@ -228,21 +228,27 @@ class Sweep:
 
     # ------------------------------------------------------------------------------------------ runs
     def finished(self, stage: str, index: int, task: str, seed: int) -> dict | None:
-        """final.json of a finished run, after checking that its saved config is the one asked for."""
-        run = self.run_dir(stage, index, task, seed)
-        self._check_config(stage, index, task, seed)
-        final = _read_json(run / "final.json")
-        return final if final and final.get("finished") else None
+        """final.json of a finished run, after checking that its config is the one asked for.
 
-    def _check_config(self, stage: str, index: int, task: str, seed: int) -> None:
+        An unfinished run needs no check here: train.py --resume refuses a different recipe itself.
+        """
+        run = self.run_dir(stage, index, task, seed)
+        final = _read_json(run / "final.json")
+        if not (final and final.get("finished")):
+            return None
+        self._check_config(stage, index, task, seed, final)
+        return final
+
+    def _check_config(self, stage: str, index: int, task: str, seed: int, final: dict) -> None:
         saved = self.run_dir(stage, index, task, seed) / "config.yaml"
         if not saved.is_file():
             return
         splits = VAL_SPLITS if stage == "val" else TEST_SPLITS
         expected = _flat(config_to_dict(load_config(
             self.config, self._overrides(self.points[index], splits, seed, task, self.experiment_of(stage, index)))))
+        # The config as given (final.json); config.yaml holds resolved values (ranks, per-layer r lists).
         try:
-            got = _flat(config_to_dict(load_config(saved)))
+            got = _flat(final["config"] if "config" in final else config_to_dict(load_config(saved)))
         except ConfigError as e:
             raise SweepError(f"{saved}: unreadable saved config ({e})") from e
         keys = {o.partition("=")[0] for o in self.overrides} | set(self.points[index]) | {
