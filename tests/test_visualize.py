@@ -128,3 +128,13 @@ def test_cli_reports_bad_input(tiny_config: Path, image: Path, tmp_path: Path) -
     assert vm.main(["--image", str(tmp_path / "none.png"), "--config", str(tiny_config), "--out", out]) == 2
     missing_weights = "model.pretrained=nope.npz"
     assert vm.main(["--image", str(image), "--config", str(tiny_config), "--out", out, missing_weights]) == 2
+
+
+def test_visualize_with_prompts_skips_their_columns(tiny_config: Path, image: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "p.png"
+    assert vm.main(["--image", str(image), "--config", str(tiny_config), "--out", str(out), "--layers", "0", "3",
+                    "peft.type=prompt", "peft.dim=5", "peft.prompt_mode=deep", "merging.r=[4,4,4,4]"]) == 0
+    printed = capsys.readouterr().out
+    # 1 class token + 5 prompts + 64 patches; the prompts stand for no patch and are never merged.
+    assert "after block 0: 66 tokens, 60 patch groups" in printed
+    assert "after block 3: 54 tokens, 48 patch groups" in printed
