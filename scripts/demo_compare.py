@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Table and plot of the demo comparison (``scripts/demo_compare.sh``): no merging / ToMe / PYRA.
 
-    python scripts/demo_compare.py logs/demo_compare [--names lora lora_tome_high lora_pyra_high] [--rounds 5]
+    python scripts/demo_compare.py logs/demo_compare [--names lora lora_tome_high lora_pyra_high] [--rounds 7]
 
 Reads the one finished run under each ``<root>/<name>/`` (train.py's ``<experiment>/<task>/seed<k>/``)
 as train.py wrote it (``final.json``: last and best top-1; ``efficiency.json``: fvcore GFLOPs, trainable
 parameters, tokens per layer; ``config.yaml``; the trained ``last.pth``), then measures inference images/s
 of all runs again **in this one process, interleaved** over ``--rounds`` rounds at the runs'
 ``report.benchmark_batch`` (eval mode, random input), so that a busy machine slows every setting alike;
-the speed-up is the ratio of those medians to the first run's (no merging). Prints one Markdown table and
-writes ``compare.md``, ``compare.json`` and ``compare.png`` (top-1 against images/s) into ``<root>``.
+the speed-up is the median over rounds of each run's images/s over the first run's (no merging) in the
+same round. Prints one Markdown table and writes ``compare.md``, ``compare.json`` and ``compare.png``
+(top-1 against images/s) into ``<root>``.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("root", help="the folder demo_compare.sh trained into (its OUT)")
     p.add_argument("--names", nargs="+", default=list(DEFAULT_NAMES),
                    help="experiment names under root; the first is the no-merging reference")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: %(default)s)")
     p.add_argument("--min-seconds", type=float, default=0.3, help="timed seconds per setting and round")
     return p.parse_args(argv)
 
@@ -79,14 +80,16 @@ def rebuild(folder: Path, cfg: dict[str, Any]) -> nn.Module:
 
 
 def interleaved_throughput(models: list[nn.Module], batch: int, img_size: int, rounds: int,
-                           min_seconds: float) -> list[float]:
-    """Median images/s of each model over ``rounds`` rounds that time every model once per round."""
+                           min_seconds: float) -> tuple[list[float], list[float]]:
+    """Median images/s of each model, and the median over rounds of its ratio to the first model in the
+    same round (drift of a busy machine cancels within a round), over ``rounds`` rounds."""
     rates: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
         for i, model in enumerate(models):
             rates[i].append(measure_throughput(model, batch, img_size, torch.device("cpu"), warmup=1, runs=3,
                                                min_seconds=min_seconds)["images_per_s"])
-    return [statistics.median(r) for r in rates]
+    ratios = [statistics.median(a / b for a, b in zip(r, rates[0])) for r in rates]
+    return [statistics.median(r) for r in rates], ratios
 
 
 def table(rows: list[dict[str, Any]], batch: int) -> str:
@@ -129,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     batch, img_size = cfgs[0]["report"]["benchmark_batch"], cfgs[0]["model"]["img_size"]
     models = [rebuild(folders[name], run["config"]) for name, run in runs.items()]
     with torch.no_grad():
-        speeds = interleaved_throughput(models, batch, img_size, args.rounds, args.min_seconds)
+        speeds, ratios = interleaved_throughput(models, batch, img_size, args.rounds, args.min_seconds)
     rows = []
-    for (name, run), speed in zip(runs.items(), speeds):
+    for (name, run), speed, ratio in zip(runs.items(), speeds, ratios):
         eff, final = run["efficiency"], run["final"]
         rows.append({"name": name, "label": LABELS.get(name, name), "r": run["config"]["merging"]["r"],
                      "tokens": eff["tokens_per_layer"], "top1": final["last_acc1"], "best_top1": final["best_acc1"],
                      "epochs": final["epochs"], "gflops": eff.get("gflops", float("nan")), "images_per_s": speed,
-                     "speedup": speed / speeds[0], "trainable": eff["n_parameters"]})
+                     "speedup": ratio, "trainable": eff["n_parameters"]})
     text = table(rows, batch)
     print(text)
     (root / "compare.md").write_text(text + "\n")

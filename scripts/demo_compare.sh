@@ -8,12 +8,13 @@
 # Env:   OUT=logs/demo_compare (runs, compare.md, compare.json, compare.png)   PYTHON=python
 #        DATA_ROOT=data/demo (the digits are written there on first use)
 #        HIGH="[24, 16, 8, 4]" (the "high" schedule: tokens merged in each of the 4 blocks)
+#        ROUNDS=7 (interleaved timing rounds of scripts/demo_compare.py)
 #        OMP_WAIT_POLICY=PASSIVE by default: idle OpenMP threads sleep, which keeps a busy machine usable
 # Runs from the repository root (the config's data/ and weight/ paths are relative to it); existing runs
 # in OUT are overwritten.
 set -euo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,5 +37,5 @@ run lora "merging.r=null" "merging.pyra=false" "$@"
 run lora_tome_high "merging.r=$HIGH" "merging.pyra=false" "$@"
 run lora_pyra_high "merging.r=$HIGH" "merging.pyra=true" "$@"
 echo "== training: $((SECONDS - start)) s"
-"$PYTHON" scripts/demo_compare.py "$OUT"
+"$PYTHON" scripts/demo_compare.py "$OUT" --rounds "${ROUNDS:-7}"
 echo "== total: $((SECONDS - start)) s"
