@@ -36,7 +36,7 @@ def overrides(root, out, *extra):
 
 
 def run_train(root, out, *extra, resume=None, check=True, timeout=300):
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits.yaml")]
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits_random.yaml")]
     cmd += (["--resume", resume] if resume else []) + overrides(root, out, *extra)
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check:
@@ -88,7 +88,7 @@ def test_end_to_end_learns_and_logs_schema(digits_root, tmp_path):
 
 def start_until(root, out, extra, line):
     """Start a training run in the background and return it once its train.log shows ``line``."""
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits.yaml")]
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits_random.yaml")]
     proc = subprocess.Popen(cmd + overrides(root, out, *extra), cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "t" / "digits" / "seed0" / "train.log"
@@ -130,7 +130,7 @@ def test_ddp_two_processes_matches_single_process(digits_root, tmp_path):
     run_train(digits_root, tmp_path / "single", *extra, "train.batch_size=50")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits.yaml")]
+           str(REPO / "train.py"), "--config", str(REPO / "configs/demo/digits_random.yaml")]
     cmd += overrides(digits_root, out, *extra, "train.batch_size=50")       # the global batch: 25 per process
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -162,7 +162,7 @@ def test_config_errors_exit_before_work(digits_root, tmp_path):
 
 
 def test_pyra_parameters_get_their_own_group(digits_root):
-    cfg = load_config(REPO / "configs/demo/digits.yaml", ["optim.pyra_lr=3e-4", "optim.pyra_weight_decay=0.5"])
+    cfg = load_config(REPO / "configs/demo/digits_random.yaml", ["optim.pyra_lr=3e-4", "optim.pyra_weight_decay=0.5"])
     model = create_model("vit", num_classes=10, embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=16,
                          merging=[4, 2], pyra=True)
     groups = {g["name"]: g for g in build_optimizer(model, cfg.optim).param_groups}

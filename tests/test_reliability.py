@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(root, out, *extra):
-    return load_config(REPO / "configs/demo/digits.yaml", [
+    return load_config(REPO / "configs/demo/digits_random.yaml", [
         f"data.root={root}", "data.task=digits", f"output_dir={out}", "experiment=r", "model.img_size=16",
         "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "merging.r=[4, 2]",
         "train.batch_size=100", "train.eval_interval=1", "report.benchmark_batch=4", "report.benchmark_seconds=0.01",
