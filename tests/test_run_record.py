@@ -281,7 +281,7 @@ def test_final_speedup_carries_its_spread(root, tmp_path):
 
 def test_demo_config_without_data_says_how_to_make_it(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)   # no data/demo here
-    assert train_script.main(["--config", CONFIG, "output_dir=o", "train.epochs=1"]) == 2
+    assert train_script.main(["--config", CONFIG, "output_dir=o", "train.epochs=2"]) == 2
     assert "python -m data.make_digits" in error_line(capsys)
 
 
