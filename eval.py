@@ -2,7 +2,7 @@
 """Accuracy of a trained checkpoint on a task, and what merging and LoRA folding buy at inference.
 
     python eval.py --config configs/vit_b16/lora_pyra_high.yaml --checkpoint logs/.../best.pth data.task=cifar
-    python eval.py --config configs/demo/digits.yaml --checkpoint logs/demo/digits/digits/best.pth --json
+    python eval.py --config configs/demo/digits.yaml --checkpoint logs/demo/digits/digits/seed0/best.pth --json
 
 The efficiency table has the configured merging and no merging, each with LoRA folded and not:
 parameters, fvcore GFLOPs and images/s at the chosen batch, device and precision.

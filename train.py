@@ -5,7 +5,7 @@
     python train.py --config configs/vit_b16/lora_pyra_high.yaml data.task=cifar
     torchrun --nproc_per_node 4 train.py --config ... --resume auto
 
-Outputs go to ``<output_dir>/<experiment>/<task>/``: log.txt (JSON per evaluated epoch), train.log,
+Outputs go to ``<output_dir>/<experiment>/<task>/seed<k>/``: log.txt (JSON per evaluated epoch), train.log,
 config.yaml, efficiency.json, last.pth, best.pth and, once finished, final.json.
 """
 from __future__ import annotations
