@@ -127,15 +127,15 @@ def _markers(name: str) -> tuple[str, str]:
 def read_block(text: str, name: str) -> str | None:
     """The generated text between the block's markers, or None when the README has no such block."""
     begin, end = _markers(name)
-    match = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), text, flags=re.DOTALL)
-    return None if match is None else match.group(1)
+    match = re.search(re.escape(begin) + r"\n(.*?)" + re.escape(end), text, flags=re.DOTALL)
+    return None if match is None else match.group(1).removesuffix("\n")
 
 
 def replace_block(text: str, name: str, block: str) -> str:
     begin, end = _markers(name)
     if read_block(text, name) is None:
         raise ValueError(f"no '{begin}' ... '{end}' block in the README")
-    return re.sub(re.escape(begin) + r"\n.*?\n" + re.escape(end), lambda _: f"{begin}\n{block}\n{end}", text,
+    return re.sub(re.escape(begin) + r"\n.*?" + re.escape(end), lambda _: f"{begin}\n{block}\n{end}", text,
                   flags=re.DOTALL)
 
 
