@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -22,6 +22,9 @@ from torchvision import transforms
 
 from data.layout import EXPECTED_LAYOUT, parse_list_line, task_dir_candidates
 from data.vtab_splits import LIST_SPLITS, TASK_ALIASES, VTAB_GROUPS, VTAB_TASKS, canonical_task
+
+if TYPE_CHECKING:
+    from lib.config import DataConfig
 
 __all__ = [
     "VTAB_TASKS", "VTAB_GROUPS", "TASK_ALIASES", "DataError", "canonical_task", "resolve_task_dir",
@@ -251,22 +254,11 @@ def build_transform(img_size: int = 224, normalization: str = "imagenet", augmen
     ])
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, dict) or hasattr(cfg, "get"):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None and default is not None else value
-
-
-def build_dataset(data_cfg: Any, split: str, img_size: int, is_train: bool) -> ImageListDataset:
-    """Dataset for ``split`` from a config mapping with root, task, normalization, num_classes, augment,
-    skip_bad_images (missing optional keys take the official defaults)."""
-    root = _cfg_get(data_cfg, "root")
-    task = _cfg_get(data_cfg, "task")
-    if not root or not task:
-        raise DataError(f"data config needs 'root' and 'task' (got root={root!r}, task={task!r})")
-    transform = build_transform(img_size, _cfg_get(data_cfg, "normalization", "imagenet"),
-                                _cfg_get(data_cfg, "augment", "") or "", is_train)
-    return ImageListDataset(root, task, split, transform=transform, num_classes=_cfg_get(data_cfg, "num_classes"),
-                            skip_bad_images=bool(_cfg_get(data_cfg, "skip_bad_images", False)))
+def build_dataset(data: DataConfig, split: str, img_size: int, is_train: bool) -> ImageListDataset:
+    """Dataset for ``split`` of the config's ``data`` section (root, task, normalization, num_classes,
+    augment, skip_bad_images); the defaults are the config's own (``lib.config.DataConfig``)."""
+    if not data.root or not data.task:
+        raise DataError(f"data config needs 'root' and 'task' (got root={data.root!r}, task={data.task!r})")
+    transform = build_transform(img_size, data.normalization, data.augment or "", is_train)
+    return ImageListDataset(data.root, data.task, split, transform=transform, num_classes=data.num_classes,
+                            skip_bad_images=data.skip_bad_images)

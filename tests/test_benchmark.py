@@ -25,6 +25,7 @@ from lib.benchmark import (
     sdpa_flop_jit,
     write_vtab_images,
 )
+from lib.config import DataConfig
 from lib.data import build_dataset
 from models import create_model
 from models.backbones import MERGING_SETTINGS
@@ -139,7 +140,7 @@ def test_sdpa_backends_names_the_kernel_of_each_call():
 
 def test_harness_images_are_a_vtab_task_the_data_path_reads(tmp_path):
     write_vtab_images(tmp_path, "bench", 5, num_classes=3, size=(40, 30))
-    dataset = build_dataset({"root": str(tmp_path), "task": "bench"}, "test", 24, is_train=False)
+    dataset = build_dataset(DataConfig(root=str(tmp_path), task="bench"), "test", 24, is_train=False)
     assert len(dataset) == 5 and dataset.num_classes == 3
     image, label = dataset[4]
     assert image.shape == (3, 24, 24) and label == 1

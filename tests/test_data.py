@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from easydict import EasyDict
 from PIL import Image
 
+from lib.config import DataConfig
 from lib.data import (
     TASK_ALIASES,
     VTAB_GROUPS,
@@ -155,13 +155,13 @@ def test_augment_only_when_training():
 
 
 def test_build_dataset_from_config(tree):
-    cfg = EasyDict(root=str(tree), task="cifar100", normalization="inception", num_classes=None, augment="",
-                   skip_bad_images=False)
+    cfg = DataConfig(root=str(tree), task="cifar100", normalization="inception", num_classes=None, augment="",
+                     skip_bad_images=False)
     ds = build_dataset(cfg, "test", img_size=32, is_train=False)
     assert len(ds) == 4 and ds.num_classes == 100
     image, _ = ds[0]
     assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1
-    ds = build_dataset({"root": tree, "task": "cifar", "num_classes": 12}, "val200", img_size=8, is_train=True)
+    ds = build_dataset(DataConfig(root=str(tree), task="cifar", num_classes=12), "val200", img_size=8, is_train=True)
     assert ds.num_classes == 12 and len(ds) == 2
 
 
