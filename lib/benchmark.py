@@ -19,7 +19,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,6 +32,9 @@ __all__ = ["count_flops", "flop_counts", "sdpa_flop_jit", "measure_throughput", 
            "time_fn", "autocast_ctx", "efficiency", "matmul_peak", "make_train_step", "measure_train_step",
            "peak_memory_mb", "device_name", "tune_cpu_allocator", "profile_table", "flops_by_block", "time_blocks",
            "sdpa_backends", "write_vtab_images", "end_to_end_images_per_s"]
+
+
+_SDPA_OPS = "aten::scaled_dot_product_attention"
 
 
 def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
@@ -55,7 +58,10 @@ def flops_by_block(model: nn.Module, img_size: int = 224, device: torch.device |
     return [int(by_module.get(f"blocks.{i}", 0)) for i in range(len(model.blocks))]
 
 
-def _flop_counts(model: nn.Module, img_size: int, device: torch.device | None) -> tuple[int, dict[str, int]]:
+@contextlib.contextmanager
+def _one_image_analysis(model: nn.Module, img_size: int, device: torch.device | None) -> Iterator[tuple[Any, Any]]:
+    """fvcore's analysis of ``model`` on one random image (eval mode, no grad, fused attention counted by
+    ``sdpa_flop_jit`` as an operator of its own, tracer chatter off), and that image."""
     from fvcore.nn import FlopCountAnalysis
 
     device = device or next(model.parameters()).device
@@ -65,13 +71,17 @@ def _flop_counts(model: nn.Module, img_size: int, device: torch.device | None) -
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and torch.jit deprecation chatter
-            analysis = FlopCountAnalysis(model, x)
-            analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+            analysis = FlopCountAnalysis(model, x).set_op_handle(_SDPA_OPS, sdpa_flop_jit)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
-            return int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()}
+            yield analysis, x
     finally:
         model.train(was_training)
+
+
+def _flop_counts(model: nn.Module, img_size: int, device: torch.device | None) -> tuple[int, dict[str, int]]:
+    with _one_image_analysis(model, img_size, device) as (analysis, _):
+        return int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()}
 
 
 @torch.no_grad()
@@ -353,8 +363,6 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-_SDPA_OPS = "aten::scaled_dot_product_attention"
-
 
 def flop_counts(model: nn.Module, img_size: int = 224, device: torch.device | None = None) -> dict[str, int | bool]:
     """What each counter sees for one image, eval mode, no grad, with its unit:
@@ -366,26 +374,14 @@ def flop_counts(model: nn.Module, img_size: int = 224, device: torch.device | No
     - ``torch_counts_attention``: whether ``FlopCounterMode`` saw the attention kernel it ran (it has
       formulas for the CUDA flash / memory-efficient kernels, not for the fused CPU one).
     """
-    from fvcore.nn import FlopCountAnalysis
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    x = torch.randn(1, 3, img_size, img_size, device=device)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            analysis = FlopCountAnalysis(model, x).set_op_handle(_SDPA_OPS, sdpa_flop_jit)
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
-            total = int(analysis.total())
-            attention = int(analysis.by_operator().get("scaled_dot_product_attention", 0))
-            with FlopCounterMode(display=False) as counter:
-                model(x)
-        counted_ops = {str(op) for op in counter.get_flop_counts().get("Global", {})}
-    finally:
-        model.train(was_training)
+    with _one_image_analysis(model, img_size, device) as (analysis, x):
+        total = int(analysis.total())
+        attention = int(analysis.by_operator().get("scaled_dot_product_attention", 0))
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    counted_ops = {str(op) for op in counter.get_flop_counts().get("Global", {})}
     return dict(fvcore_flops=total - attention, attention_macs=attention, torch_flops=int(counter.get_total_flops()),
                 torch_counts_attention=any("attention" in op for op in counted_ops))
 
