@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_run_record import CONFIG, TINY  # the tiny weight-free run of the run-record tests
 
 import train as train_script
 from data.make_digits import write_digits
@@ -12,11 +13,6 @@ from lib.config import load_config
 from lib.loaders import GlobalBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs/demo/digits_random.yaml")
-TINY = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-        "merging.r=[4, 2]", "merging.pyra=true", "peft.dim=4", "data.num_workers=0", "train.batch_size=100",
-        "train.eval_batch_size=400", "train.eval_interval=1", "report.benchmark_batch=4",
-        "report.benchmark_seconds=0.01", "report.flops=false", "sched.warmup_epochs=1"]
 
 
 def test_vtab_recipe_drops_the_last_incomplete_batch():
