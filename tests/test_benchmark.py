@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lib.build
+import lib.config
 from lib.benchmark import (
     count_flops,
     efficiency,
@@ -303,3 +304,36 @@ def test_readme_generator_round_trips_a_json(tmp_path):
     assert table.main([str(source), "--block", "cpu", "--check", str(readme)]) == 0
     text = readme.read_text(encoding="utf-8")
     assert text.startswith("# x\n") and text.endswith("rest\n") and table.read_block(text, "cpu") == block
+
+
+REFERENCE_TINY = ["model.name=vit", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=16",
+                  "model.img_size=64", "model.drop_path_rate=0.0", "peft.dropout=0.0"]
+
+
+def test_straightforward_reference_is_the_same_model_with_the_same_trainable_parameters():
+    script = _load_script("train_step_reference")
+    args = script.parse_args(REFERENCE_TINY)
+    cfg = lib.config.load_config(args.config, args.overrides)
+    project = lib.build.build_model(cfg, 10, pretrained=False)
+    with torch.no_grad():   # LoRA's up factor starts at zero: give it weight so the comparison sees LoRA
+        for name, param in project.named_parameters():
+            if "lora_up" in name:
+                param.normal_(std=0.05)
+    reference = script.build_reference(cfg, 10, project)
+    assert not [type(m) for m in reference.modules() if type(m).__module__.startswith("models")]
+    x = torch.randn(3, 3, 64, 64)
+    project.eval(), reference.eval()
+    assert torch.allclose(project(x), reference(x), atol=1e-5)
+    trainable = lambda m: sorted(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert trainable(project) == trainable(reference) and sum(trainable(reference)) > 0
+
+
+def test_straightforward_reference_timing_runs_and_reports(tmp_path):
+    script = _load_script("train_step_reference")
+    out = tmp_path / "ref.json"
+    assert script.main([*REFERENCE_TINY, "--batch-size", "2", "--rounds", "2", "--runs", "1", "--threads", "1",
+                        "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["project_step_s"] > 0 and result["reference_step_s"] > 0 and len(result["ratio_per_round"]) == 2
+    with pytest.raises(ValueError, match="merging.pyra=True"):
+        script.main([*REFERENCE_TINY, "merging.r=2", "merging.pyra=true"])
