@@ -6,7 +6,12 @@
 
 The backbone is timm's ``VisionTransformer`` as the demo's custom ``vit`` builds it (32x32 input, 4x4 patches ->
 class token + 64 tokens, average pooling), trained from scratch, every parameter, on an endless stream of generated
-letter images (40 classes, no digits) with AdamW, a linear warm-up and a cosine decay. The stream, the
+letter images (40 classes, no digits) with AdamW, a linear warm-up and a cosine decay. The loss is the letter
+cross-entropy plus an auxiliary one (``--recon-weight``): a linear decoder, discarded afterwards, must rebuild
+the image's 8x8 ink map from the pooled feature. Classification alone squeezes the pooled feature down to what
+tells letters apart, and a frozen backbone trained that way tops out near 80 % on the digits whatever its
+letter accuracy; with the reconstruction term the feature keeps the whole image, the letters are learnt in a
+fraction of the steps, and the frozen backbone transfers (README's demo numbers). The stream, the
 initialisation and the evaluation batch all come from fixed seeds, and the thread count is fixed, so a
 rerun on the same machine and library versions writes the same bytes.
 
@@ -41,7 +46,7 @@ if str(ROOT) not in sys.path:
 
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from data.make_glyphs import FONT_FILES, GLYPHS, make_batch, normalize  # noqa: E402
+from data.make_glyphs import BLOCK, FONT_FILES, GLYPHS, IMAGE_SIZE, make_batch, normalize  # noqa: E402
 
 DEFAULT_OUT = ROOT / "weight" / "demo_vit_p4_32.pth"
 
@@ -55,19 +60,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--global-pool", default="avg", choices=("avg", "token"))
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--warmup-steps", type=int, default=60)
+    p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--recon-weight", type=float, default=1.0,
+                   help="weight of the auxiliary loss: reconstruct the 8x8 ink map linearly from the pooled feature")
     p.add_argument("--seed", type=int, default=0, help="initialisation and training stream")
     p.add_argument("--eval-seed", type=int, default=1, help="the fixed evaluation batch (disjoint stream)")
     p.add_argument("--eval-size", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed: results depend on it)")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=0, help="also write <out>.step<N> every N steps (0: never)")
     return p.parse_args(argv)
 
 
@@ -137,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n
                                                                and "cls_token" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    # The auxiliary decoder (not saved): the pooled feature must keep the whole image linearly, not only
+    # what separates letters, which is what a frozen backbone's head needs on a new task.
+    decoder = nn.Linear(args.embed_dim, (IMAGE_SIZE // BLOCK) ** 2)
+    optimizer = torch.optim.AdamW([{"params": decay + [decoder.weight], "weight_decay": args.weight_decay},
+                                   {"params": no_decay + [decoder.bias], "weight_decay": 0.0}], lr=args.lr)
     eval_images, eval_labels = make_batch(args.eval_size, seed=args.eval_seed)
     stream = torch.Generator().manual_seed(args.seed + 10_000)  # training images, disjoint from eval
     print(f"[pretrain] vit {arch}, {n_params:,} parameters, {len(GLYPHS)} glyph classes x {len(FONT_FILES)} fonts; "
@@ -150,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         images, labels = make_batch(args.batch_size, generator=stream)
-        loss = F.cross_entropy(model(normalize(images)), labels, label_smoothing=args.label_smoothing)
+        pooled = model.forward_head(model.forward_features(normalize(images)), pre_logits=True)
+        loss = F.cross_entropy(model.head(pooled), labels, label_smoothing=args.label_smoothing)
+        if args.recon_weight:
+            ink = images[:, ::BLOCK, ::BLOCK].flatten(1).float() / 255.0   # the 8x8 map (blocks are constant)
+            loss = loss + args.recon_weight * F.mse_loss(decoder(pooled), ink, reduction="sum") / len(ink)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            nn.utils.clip_grad_norm_([*model.parameters(), *decoder.parameters()], args.clip_grad)
         optimizer.step()
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"non-finite loss at step {step}")
@@ -163,11 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[pretrain] step {step + 1}/{args.steps} lr {lr_at(step, args):.2e} loss {loss_sum / seen:.4f} "
                   f"{time.perf_counter() - start:.0f}s", flush=True)
             loss_sum, seen = 0.0, 0
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            snapshot = Path(f"{args.out}.step{step + 1}")
+            snapshot.write_bytes(checkpoint_bytes(model, {"format": "demo-backbone", "arch": arch, "step": step + 1}))
 
     top1 = source_accuracy(model, eval_images, eval_labels)
     seconds = time.perf_counter() - start
     recipe = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay",
-                                            "label_smoothing", "clip_grad", "seed", "threads")}
+                                            "label_smoothing", "clip_grad", "recon_weight", "seed", "threads")}
     meta = {"format": "demo-backbone", "arch": arch, "classes": GLYPHS, "fonts": list(FONT_FILES),
             "recipe": recipe, "source_eval": {"seed": args.eval_seed, "size": args.eval_size, "top1": top1},
             "torch": torch.__version__.split("+")[0]}
