@@ -2,7 +2,7 @@
 """Training step of the project's plain LoRA model against a straightforward implementation, same run.
 
     python scripts/train_step_reference.py [--config configs/vit_b16/lora_none.yaml] [--batch-size 8]
-        [--rounds 6] [--runs 2] [--threads 2] [--json PATH] [key=value ...]
+        [--rounds 6] [--runs 2] [--threads 2] [--json PATH] [--profile DIR] [key=value ...]
 
 The *reference* is what a researcher would write without this project: stock timm ``VisionTransformer``
 (no patching) whose ``qkv`` layers are wrapped by a module holding the frozen ``nn.Linear`` and two
@@ -11,7 +11,9 @@ models get the same weights (the project model's, copied), the same trainable pa
 the same drop-path rate and the same batch; one step is forward, cross-entropy, backward and AdamW
 (``lib.benchmark.make_train_step``). The two are timed alternately, round by round, so machine drift hits
 both alike; the result is the median step of each and the median of the per-round ratios
-(project ÷ reference: below 1 means the project trains faster).
+(project ÷ reference: below 1 means the project trains faster). ``--profile DIR`` also writes
+torch.profiler's operator table of each (``profile_project.txt``, ``profile_reference.txt``: self time and
+call count per operator, and by input shape) to find where a difference comes from.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from lib.benchmark import device_name, make_train_step, time_fn  # noqa: E402
+from lib.benchmark import device_name, make_train_step, profile_table, time_fn  # noqa: E402
 from lib.build import build_model  # noqa: E402
 from lib.config import load_config  # noqa: E402
 from models.backbones import get_backbone  # noqa: E402
@@ -88,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=2, help="timed steps per model and round")
     p.add_argument("--threads", type=int, default=2, help="torch threads (0: leave torch's default)")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--profile", metavar="DIR", help="write each model's profiler table to DIR")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_intermixed_args(argv)
 
@@ -117,6 +120,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for rnd in range(args.rounds):
         for name in order if rnd % 2 == 0 else order[::-1]:
             times[name].append(time_fn(steps[name], device, warmup=0, runs=args.runs))
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        for name, step in steps.items():
+            (Path(args.profile) / f"profile_{name}.txt").write_text(profile_table(step, device, row_limit=40),
+                                                                    encoding="utf-8")
     per_round = [statistics.median(p) / statistics.median(r) for p, r in zip(times["project"], times["reference"])]
     median = {name: statistics.median([t for rnd in ts for t in rnd]) for name, ts in times.items()}
     return {"config": args.config, "overrides": args.overrides, "batch_size": args.batch_size,

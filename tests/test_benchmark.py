@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -332,8 +333,27 @@ def test_straightforward_reference_timing_runs_and_reports(tmp_path):
     script = _load_script("train_step_reference")
     out = tmp_path / "ref.json"
     assert script.main([*REFERENCE_TINY, "--batch-size", "2", "--rounds", "2", "--runs", "1", "--threads", "1",
-                        "--json", str(out)]) == 0
+                        "--json", str(out), "--profile", str(tmp_path / "prof")]) == 0
     result = json.loads(out.read_text())
+    for name in ("project", "reference"):
+        assert "aten::mm" in (tmp_path / "prof" / f"profile_{name}.txt").read_text()
     assert result["project_step_s"] > 0 and result["reference_step_s"] > 0 and len(result["ratio_per_round"]) == 2
     with pytest.raises(ValueError, match="merging.pyra=True"):
         script.main([*REFERENCE_TINY, "merging.r=2", "merging.pyra=true"])
+
+
+README_SPEED_BLOCKS = {"cpu-b8": "cpu_b8.json", "cpu-focus": "cpu_focus_b8.json", "cpu-curve": "cpu_curve.json",
+                       "cpu-compile": "cpu_compile_b8.json", "cpu-attention": "cpu_attention_b8.json"}
+
+
+def test_readme_speed_blocks_are_generated_from_the_committed_records():
+    table = _load_script("speed_table")
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert sorted(re.findall(r"<!-- speed:([\w-]+):begin -->", text)) == sorted(README_SPEED_BLOCKS)
+    records = ROOT / "scripts" / "speed_records"
+    for name, record in README_SPEED_BLOCKS.items():
+        report = json.loads((records / record).read_text(encoding="utf-8"))
+        assert table.read_block(text, name) == table.render(report), f"README block {name} != {record}"
+    reference = json.loads((records / "cpu_train_reference_b8.json").read_text(encoding="utf-8"))
+    for key in ("project_step_s", "reference_step_s"):   # the training-step comparison quotes its record
+        assert f"{reference[key]:.3f} s" in text, key
