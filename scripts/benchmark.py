@@ -254,11 +254,15 @@ def _median_over_rounds(times: list[list[float]]) -> tuple[float, float]:
 
 
 def _commit() -> str:
-    """HEAD's hash, "+dirty" when tracked files differ from it (the measured code is then not exactly HEAD)."""
+    """HEAD's hash, "+dirty" when tracked files differ from it (the measured code is then not exactly HEAD).
+
+    The committed records (``scripts/speed_records/``) and Markdown files do not count: a series of runs
+    rewrites the former, and neither changes what is measured."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)scripts/speed_records", ":(exclude)*.md"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
