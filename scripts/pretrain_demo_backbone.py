@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from data.make_glyphs import BLOCK, FONT_FILES, GLYPHS, IMAGE_SIZE, make_batch, normalize  # noqa: E402
+from lib.checkpointing import atomic_write  # noqa: E402
 
 DEFAULT_OUT = ROOT / "weight" / "demo_vit_p4_32.pth"
 
@@ -134,6 +135,11 @@ def checkpoint_bytes(model: nn.Module, meta: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through the project's atomic write: a killed run leaves no truncated checkpoint."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -142,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = build(arch)
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n
-                                                               and "cls_token" not in n)]
+    decayed = {n: p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decayed[n]]
+    no_decay = [p for n, p in model.named_parameters() if not decayed[n]]
     # The auxiliary decoder (not saved): the pooled feature must keep the whole image linearly, not only
     # what separates letters, which is what a frozen backbone's head needs on a new task.
     decoder = nn.Linear(args.embed_dim, (IMAGE_SIZE // BLOCK) ** 2)
@@ -179,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - start:.0f}s", flush=True)
             loss_sum, seen = 0.0, 0
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            snapshot = Path(f"{args.out}.step{step + 1}")
-            snapshot.write_bytes(checkpoint_bytes(model, {"format": "demo-backbone", "arch": arch, "step": step + 1}))
+            write_atomic(Path(f"{args.out}.step{step + 1}"),
+                         checkpoint_bytes(model, {"format": "demo-backbone", "arch": arch, "step": step + 1}))
 
     top1 = source_accuracy(model, eval_images, eval_labels)
     seconds = time.perf_counter() - start
@@ -191,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__.split("+")[0]}
     data = checkpoint_bytes(model, meta)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(out)
+    write_atomic(out, data)
     import hashlib
 
     print(f"[pretrain] source-task top-1 {top1:.2f}% on {args.eval_size} generated letters (seed {args.eval_seed}); "

@@ -36,6 +36,17 @@ def write_vtab_task(root: Path, task: str = "cifar", sizes: dict[str, int] | Non
     return task_dir
 
 
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """scikit-learn's digits in the VTAB-1k layout (``data.make_digits``), written once per session; tests
+    that change the files write their own copy."""
+    from data.make_digits import write_digits
+
+    root = tmp_path_factory.mktemp("digits_data")
+    write_digits(root, "digits")
+    return root
+
+
 @pytest.fixture
 def make_vtab_task() -> Callable[..., Path]:
     """Factory fixture around :func:`write_vtab_task`."""

@@ -8,10 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
-from data.make_digits import write_digits
 from lib.config import load_config
 from lib.optim import build_optimizer
 from models import create_model
@@ -22,13 +20,6 @@ TINY = ["model.name=vit", "model.img_size=16", "model.patch_size=4", "model.embe
         "data.num_workers=0", "train.batch_size=50", "train.eval_batch_size=200",
         "report.benchmark_batch=8", "report.benchmark_seconds=0.05", "sched.warmup_epochs=1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-@pytest.fixture(scope="session")
-def digits_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_digits(root, "digits")
-    return root
 
 
 def overrides(root, out, *extra):

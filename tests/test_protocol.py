@@ -8,7 +8,6 @@ import pytest
 from test_run_record import CONFIG, TINY  # the tiny weight-free run of the run-record tests
 
 import train as train_script
-from data.make_digits import write_digits
 from lib.config import load_config
 from lib.loaders import GlobalBatchSampler
 
@@ -63,9 +62,8 @@ def test_global_batch_must_divide_among_processes():
 
 
 @pytest.fixture
-def root(tmp_path):
-    write_digits(tmp_path / "data", "digits")
-    return tmp_path / "data"
+def root(digits_root):
+    return digits_root   # the shared read-only digits (conftest)
 
 
 def run_args(root, out, *extra):

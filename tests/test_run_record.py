@@ -30,10 +30,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    write_digits(data, "digits")
-    return data
+def root(digits_root):
+    return digits_root   # the shared read-only digits (conftest)
 
 
 def args(root, out, *extra):
