@@ -357,3 +357,34 @@ def test_readme_speed_blocks_are_generated_from_the_committed_records():
     reference = json.loads((records / "cpu_train_reference_b8.json").read_text(encoding="utf-8"))
     for key in ("project_step_s", "reference_step_s"):   # the training-step comparison quotes its record
         assert f"{reference[key]:.3f} s" in text, key
+
+
+def test_prepared_gpu_script_measures_what_the_gpu_record_needs(monkeypatch):
+    """scripts/speed_gpu.sh (run where a GPU is lent): its commands parse and together cover ViT-B/16 LoRA,
+    batch 256, fp32 and bf16, every setting, folded and not, both attention forms, compile on and off."""
+    import subprocess
+
+    gpu_script, env = str(ROOT / "scripts" / "speed_gpu.sh"), {"ECHO": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(["bash", gpu_script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line.split()[1:] for line in proc.stdout.splitlines()]
+    assert len(commands) == 4 and all(c[0] == "scripts/benchmark.py" for c in commands)
+    script = _load_script()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = set()
+    for command in commands:
+        args = script.parse_args(command[1:])
+        assert (args.device, args.batch_sizes, args.config) == ("cuda", [256], script.DEFAULT_CONFIG)
+        variants = script._variants(args, script._settings(args.settings), has_lora=True)
+        seen |= {(args.precision, v.setting, v.folded, v.compiled, v.attention) for v in variants}
+        assert args.json.name.startswith("gpu_") and args.json.parent == Path("scripts/speed_records")
+    assert {p for p, *_ in seen} == {"fp32", "bf16"}
+    for precision in ("fp32", "bf16"):
+        for setting in MERGING_SETTINGS:
+            attention = None if setting == "none" else "mask"
+            for folded, compiled in [(False, False), (True, False), (True, True)]:
+                assert (precision, setting, folded, compiled, attention) in seen, (precision, setting, folded, compiled)
+            if setting != "none":
+                assert (precision, setting, False, False, "feature") in seen
+    bad = subprocess.run(["bash", gpu_script, "fast"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown part 'fast'" in bad.stderr
