@@ -31,7 +31,7 @@ from .engine import autocast_ctx
 __all__ = ["count_flops", "flop_counts", "sdpa_flop_jit", "measure_throughput", "merged_speedup", "tokens_per_layer",
            "time_fn", "autocast_ctx", "efficiency", "matmul_peak", "make_train_step", "measure_train_step",
            "peak_memory_mb", "device_name", "tune_cpu_allocator", "profile_table", "flops_by_block", "time_blocks",
-           "sdpa_backends", "write_vtab_images", "end_to_end_images_per_s"]
+           "sdpa_backends", "write_vtab_images", "end_to_end_images_per_s", "linear_replay"]
 
 
 _SDPA_OPS = "aten::scaled_dot_product_attention"
@@ -119,6 +119,54 @@ def time_blocks(model: nn.Module, batch_size: int, img_size: int = 224, device: 
         for h in hooks:
             h.remove()
     return [statistics.median(t) for t in times]
+
+
+def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device: torch.device | None = None,
+                  precision: str = "fp32", runs: int = 3) -> dict[str, float]:
+    """The model's ``nn.Linear`` GEMMs timed alone, against its whole forward: how much of the time is GEMM.
+
+    One eval forward records every ``nn.Linear`` call's input; ``linear_s`` is then the median time of
+    replaying all of them (``F.linear`` with the module's own weight and bias, in order, nothing in
+    between) and ``forward_s`` the median forward, the two timed alternately ``runs`` times.
+    ``linear_macs`` are the replayed multiply-adds per batch (a LoRA layer's base GEMM and its two low-rank
+    ones are separate calls). ``2·linear_macs / linear_s`` is the rate the model's own GEMM shapes reach
+    on this machine: no implementation of the rest (attention, norms, merging) can push the model's
+    efficiency above it, and ``forward_s − linear_s`` is the time the rest takes.
+    """
+    device = device or next(model.parameters()).device
+    calls: list[tuple[nn.Linear, torch.Tensor]] = []
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        calls.append((module, args[0].detach()))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Linear)]
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    try:
+        with torch.no_grad(), autocast_ctx(device, precision):
+            model(x)
+            for h in hooks:
+                h.remove()
+
+            def forward() -> None:
+                model(x)
+
+            def replay() -> None:
+                for module, inp in calls:
+                    F.linear(inp, module.weight, module.bias)
+
+            forward_s, linear_s = [], []
+            for _ in range(runs):
+                forward_s += time_fn(forward, device, warmup=1, runs=1)
+                linear_s += time_fn(replay, device, warmup=1, runs=1)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    macs = sum(inp.numel() // inp.shape[-1] * module.in_features * module.out_features for module, inp in calls)
+    return {"forward_s": statistics.median(forward_s), "linear_s": statistics.median(linear_s),
+            "linear_macs": float(macs), "linear_calls": float(len(calls))}
 
 
 def _sync(device: torch.device) -> None:

@@ -78,6 +78,7 @@ from lib.benchmark import (  # noqa: E402
     end_to_end_images_per_s,
     flop_counts,
     flops_by_block,
+    linear_replay,
     make_train_step,
     matmul_peak,
     peak_memory_mb,
@@ -234,6 +235,27 @@ def _block_table(model: nn.Module, batch_size: int, img_size: int, device: torch
     lines.append(f"{'all':>5}  {'':>10}  {1e3 * total_s:8.2f}  {total_work / 1e9:7.2f}  "
                  f"{100 * total_work / total_s / peak:5.1f}%")
     return "\n".join(lines) + "\n"
+
+
+def _gemm_share(model: nn.Module, batch_size: int, img_size: int, device: torch.device, precision: str,
+                runs: int, peak: float, counts: dict[str, Any]) -> str:
+    """The model's nn.Linear GEMMs replayed alone (lib.benchmark.linear_replay) against its forward."""
+    r = linear_replay(model, batch_size, img_size, device, precision, runs=runs)
+    model_work = 2.0 * (counts["fvcore_flops"] + counts["attention_macs"]) * batch_size
+    gemm_work = 2.0 * r["linear_macs"]
+    rest = r["forward_s"] - r["linear_s"]
+    return "\n".join([
+        f"batch {batch_size}, {precision}, peak {peak / 1e9:.1f} GFLOP/s (this run), medians of {runs} alternating "
+        f"timings",
+        f"forward: {1e3 * r['forward_s']:.2f} ms, {model_work / 1e9:.2f} GFLOP, "
+        f"efficiency {100 * model_work / r['forward_s'] / peak:.1f}%",
+        f"{int(r['linear_calls'])} nn.Linear calls replayed alone: {1e3 * r['linear_s']:.2f} ms "
+        f"({100 * r['linear_s'] / r['forward_s']:.1f}% of the forward), {gemm_work / 1e9:.2f} GFLOP "
+        f"({100 * gemm_work / model_work:.1f}% of the model's), rate {gemm_work / r['linear_s'] / 1e9:.1f} GFLOP/s "
+        f"= {100 * gemm_work / r['linear_s'] / peak:.1f}% of peak",
+        f"everything else (attention, norms, GELU, merging, copies): {1e3 * rest:.2f} ms "
+        f"({100 * rest / r['forward_s']:.1f}%)",
+    ]) + "\n"
 
 
 def _rotate(items: list[Any], shift: int) -> list[Any]:
@@ -494,6 +516,9 @@ def _write_profiles(args: argparse.Namespace, prepared: dict[Variant, _Prepared]
         if not v.compiled:
             (out_dir / f"{stem}_blocks.txt").write_text(
                 _block_table(p.model, bs, img_size, device, args.precision, args.runs, peak), encoding="utf-8")
+            (out_dir / f"{stem}_gemm.txt").write_text(
+                _gemm_share(p.model, bs, img_size, device, args.precision, max(args.runs, 3), peak, p.counts),
+                encoding="utf-8")
         if not v.folded and not v.compiled and not args.no_train:
             step = make_train_step(copy.deepcopy(p.model), bs, args.num_classes, img_size, device, args.precision)
             (out_dir / f"{stem}_train.txt").write_text(profile_table(step, device), encoding="utf-8")

@@ -21,6 +21,7 @@ from lib.benchmark import (
     count_flops,
     efficiency,
     flop_counts,
+    linear_replay,
     matmul_peak,
     peak_memory_mb,
     sdpa_backends,
@@ -133,6 +134,20 @@ def test_flop_counts_two_counters_and_the_hidden_attention():
     assert counts["torch_flops"] == 2 * parts["matmuls"]
 
 
+def test_linear_replay_times_exactly_the_models_gemms():
+    dim, depth, heads, patch, img, rank, classes = 32, 2, 4, 8, 32, 4, 10
+    model = create_model("vit", num_classes=classes, embed_dim=dim, depth=depth, num_heads=heads,
+                         patch_size=patch, img_size=img, peft="lora", peft_dim=rank)
+    model.train()
+    parts = _hand_parts(dim, depth, patch, img, rank, classes)
+    conv = (img // patch) ** 2 * dim * 3 * patch * patch
+    result = linear_replay(model, batch_size=3, img_size=img, runs=2)
+    assert result["linear_macs"] == 3 * (parts["matmuls"] - conv)    # every nn.Linear, LoRA's included
+    assert result["linear_calls"] == depth * 6 + 1                     # qkv, LoRA down/up, proj, fc1, fc2; head
+    assert 0 < result["linear_s"] and 0 < result["forward_s"]
+    assert model.training and not any(m._forward_hooks for m in model.modules())   # the model is left as it was
+
+
 def test_sdpa_backends_names_the_kernel_of_each_call():
     q = torch.randn(1, 2, 5, 8)
     assert sdpa_backends(lambda: [F.scaled_dot_product_attention(q, q, q) for _ in range(3)],
@@ -210,6 +225,8 @@ def test_main_tiny_emits_every_field_with_its_type(tmp_path):
                                                                      for bs in (1, 2)]
     profile = (tmp_path / "prof" / "profile_pyra_high_infer.txt").read_text()
     assert "aten::addmm" in profile and (tmp_path / "prof" / "profile_plain_train.txt").is_file()
+    gemm = (tmp_path / "prof" / "profile_pyra_high_gemm.txt").read_text()
+    assert "nn.Linear calls replayed alone" in gemm and "of the forward" in gemm
     blocks = (tmp_path / "prof" / "profile_pyra_high_blocks.txt").read_text().splitlines()
     assert len(blocks) == 2 + 12 + 1 and blocks[2].split()[1] == "17->9"
 
