@@ -128,8 +128,9 @@ def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device
     One eval forward records every ``nn.Linear`` call's input; ``linear_s`` is then the median time of
     replaying all of them (``F.linear`` with the module's own weight and bias, in order, nothing in
     between) and ``forward_s`` the median forward, the two timed alternately ``runs`` times.
-    ``linear_macs`` are the replayed multiply-adds per batch (a LoRA layer's base GEMM and its two low-rank
-    ones are separate calls). ``2·linear_macs / linear_s`` is the rate the model's own GEMM shapes reach
+    ``linear_share`` is the median of the per-pair ratios (robust to a machine whose speed drifts between
+    pairs). ``linear_macs`` are the replayed multiply-adds per batch (a LoRA layer's base GEMM and its two
+    low-rank ones are separate calls). ``2·linear_macs / linear_s`` is the rate the model's own GEMM shapes reach
     on this machine: no implementation of the rest (attention, norms, merging) can push the model's
     efficiency above it, and ``forward_s − linear_s`` is the time the rest takes.
     """
@@ -166,6 +167,7 @@ def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device
         model.train(was_training)
     macs = sum(inp.numel() // inp.shape[-1] * module.in_features * module.out_features for module, inp in calls)
     return {"forward_s": statistics.median(forward_s), "linear_s": statistics.median(linear_s),
+            "linear_share": statistics.median(g / f for g, f in zip(linear_s, forward_s)),
             "linear_macs": float(macs), "linear_calls": float(len(calls))}
 
 

@@ -144,7 +144,7 @@ def test_linear_replay_times_exactly_the_models_gemms():
     result = linear_replay(model, batch_size=3, img_size=img, runs=2)
     assert result["linear_macs"] == 3 * (parts["matmuls"] - conv)    # every nn.Linear, LoRA's included
     assert result["linear_calls"] == depth * 6 + 1                     # qkv, LoRA down/up, proj, fc1, fc2; head
-    assert 0 < result["linear_s"] and 0 < result["forward_s"]
+    assert 0 < result["linear_s"] and 0 < result["forward_s"] and 0 < result["linear_share"]
     assert model.training and not any(m._forward_hooks for m in model.modules())   # the model is left as it was
 
 
@@ -226,7 +226,7 @@ def test_main_tiny_emits_every_field_with_its_type(tmp_path):
     profile = (tmp_path / "prof" / "profile_pyra_high_infer.txt").read_text()
     assert "aten::addmm" in profile and (tmp_path / "prof" / "profile_plain_train.txt").is_file()
     gemm = (tmp_path / "prof" / "profile_pyra_high_gemm.txt").read_text()
-    assert "nn.Linear calls replayed alone" in gemm and "of the forward" in gemm
+    assert "nn.Linear calls replayed alone" in gemm and "share of the forward" in gemm
     blocks = (tmp_path / "prof" / "profile_pyra_high_blocks.txt").read_text().splitlines()
     assert len(blocks) == 2 + 12 + 1 and blocks[2].split()[1] == "17->9"
 
