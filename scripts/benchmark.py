@@ -19,8 +19,10 @@ proportional attention (``--attention``: ``log(size)`` as an SDPA mask or as an 
 
 For every batch size, inference and training are timed round-robin over the variants for several
 rounds, so that drift of the machine hits all of them alike; the reported time is the median over all
-timed runs, and ratios to plain and efficiencies are medians of per-round pairs (against the plain run
-and the matmul peak of the same round). The load average is recorded every round. Then each variant
+timed runs, and ratios to plain and efficiencies are medians of per-round pairs: against the plain run
+of the same round, and against a matmul peak measured right before the variant's own timing (the speed
+of a shared machine drifts within a round; each row keeps its peaks in ``peak_gflops_rounds``). The load
+average is recorded every round. Then each variant
 runs once through the project's own data path (``lib.data.build_dataset`` → ``lib.loaders.
 build_eval_loader`` with its workers: JPEG decode, bicubic resize, normalise, then the model) on JPEGs
 the harness writes in the VTAB-1k layout: ``end_to_end_images_per_s``, next to the model-only
@@ -312,6 +314,7 @@ class _Prepared:
         self.params, self.trainable = _count_params(model)
         self.counts = flop_counts(model, img_size, device)
         self.times: dict[int, list[list[float]]] = {}
+        self.peaks: dict[int, list[float]] = {}   # per round: the matmul peak measured just before the timing
         self.first_call_s: dict[int, float] = {}
         self.backends: dict[int, list[str]] = {}
         self.e2e: dict[int, dict[str, float]] = {}
@@ -383,7 +386,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 p.first_call_s[bs] = time.perf_counter() - start
                 p.backends[bs] = sdpa_backends(lambda p=p: infer(p), device)
                 time_fn(lambda p=p: infer(p), device, warmup=max(args.warmup - 2, 0), runs=0)
-                p.times[bs] = []
+                p.times[bs], p.peaks[bs] = [], []
             for v in (train_variants if bs in args.train_batch_sizes else []):
                 m = copy.deepcopy(prepared[v].model)
                 steps[(v, bs)] = dict(step=make_train_step(m, bs, args.num_classes, img_size, device, args.precision),
@@ -401,6 +404,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                                                  dtype=PRECISIONS[args.precision], runs=args.runs))
                 for key in _rotate(keys, rnd):   # no variant always runs first
                     p = prepared[key]
+                    # The peak right before this variant's timing: the machine's speed drifts within a round.
+                    p.peaks[bs].append(matmul_peak(device, args.peak_size, dtype=PRECISIONS[args.precision],
+                                                   warmup=1, runs=args.runs))
                     p.times[bs].append(time_fn(lambda p=p: infer(p), device, warmup=0, runs=args.runs))
                 for v in _rotate([v for v in train_variants if (v, bs) in steps], rnd):
                     s = steps[(v, bs)]
@@ -432,7 +438,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = []
     for bs in args.batch_sizes:
-        peak_rounds = peaks[bs][args.precision]
         ref_rounds = _round_medians(reference.times[bs])
         ref_step = steps.get((Variant(REFERENCE), bs))
         train_ref = _round_medians(ref_step["times"]) if ref_step else None
@@ -450,7 +455,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 torch_counts_attention=bool(p.counts["torch_counts_attention"]),
                 flops=int(flops), gflops=flops / 2 ** 30, params=p.params, trainable=p.trainable,
                 ratio_to_plain=statistics.median(r / s for r, s in zip(ref_rounds, rounds)),
-                efficiency=statistics.median(efficiency(flops, bs / s, pk) for s, pk in zip(rounds, peak_rounds)),
+                efficiency=statistics.median(efficiency(flops, bs / s, pk) for s, pk in zip(rounds, p.peaks[bs])),
+                peak_gflops_rounds=[pk / 1e9 for pk in p.peaks[bs]],
                 train_step_s=None, train_ratio=None, train_spread=None, train_round_s=None, peak_mem_mb=None,
                 compile_s=max(p.first_call_s[bs] - median_s, 0.0) if v.compiled else None,
                 first_call_s=p.first_call_s[bs], sdpa_backends=p.backends[bs],

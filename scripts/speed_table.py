@@ -99,10 +99,18 @@ def _environment(report: dict[str, Any]) -> str:
     return (f"{e['device_name']} ({e['device']}), {e['threads']} threads, torch {e['torch']}, timm {e['timm']}, "
             f"{e['precision']}{omp}, {c['model']} + {c['peft']}, {c['num_classes']} classes, {c['img_size']}², "
             f"{c['rounds']} interleaved rounds × {c['runs_per_round']} timed batches; matmul peak "
-            f"{e['peak_gflops']:.1f} GFLOP/s (fp32, n={e['peak_size']}, same run); allocator: {e['allocator']}; "
+            f"{e['peak_gflops']:.1f} GFLOP/s (fp32, n={e['peak_size']}, same run{_peak_pairing(report)}); "
+            f"allocator: {e['allocator']}; "
             f"commit {e['commit'][:12]}{dirty}; "
             f"{load}; {e2e}; {c['timestamp']}.\n"
             f"Command: `{c['command']}`")
+
+
+def _peak_pairing(report: dict[str, Any]) -> str:
+    """How efficiency was paired with the peak: records with per-row peaks measured one before each timing."""
+    if all(row.get("peak_gflops_rounds") for row in report["results"]):
+        return "; efficiency against a peak measured right before each timing"
+    return ""
 
 
 def _backends(report: dict[str, Any]) -> str:
