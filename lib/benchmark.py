@@ -122,17 +122,21 @@ def time_blocks(model: nn.Module, batch_size: int, img_size: int = 224, device: 
 
 
 def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device: torch.device | None = None,
-                  precision: str = "fp32", runs: int = 3) -> dict[str, float]:
+                  precision: str = "fp32", runs: int = 3, peak_size: int | None = None) -> dict[str, float]:
     """The model's ``nn.Linear`` GEMMs timed alone, against its whole forward: how much of the time is GEMM.
 
     One eval forward records every ``nn.Linear`` call's input; ``linear_s`` is then the median time of
     replaying all of them (``F.linear`` with the module's own weight and bias, in order, nothing in
     between) and ``forward_s`` the median forward, the two timed alternately ``runs`` times.
     ``linear_share`` is the median of the per-pair ratios (robust to a machine whose speed drifts between
-    pairs). ``linear_macs`` are the replayed multiply-adds per batch (a LoRA layer's base GEMM and its two
-    low-rank ones are separate calls). ``2·linear_macs / linear_s`` is the rate the model's own GEMM shapes reach
-    on this machine: no implementation of the rest (attention, norms, merging) can push the model's
-    efficiency above it, and ``forward_s − linear_s`` is the time the rest takes.
+    pairs); ``1 − linear_share`` is the time of everything else (attention, norms, GELU, merging, copies).
+    ``linear_macs`` are the replayed multiply-adds per batch (a LoRA layer's base GEMM and its two
+    low-rank ones are separate calls). With ``peak_size``, each pair is followed by a matmul peak
+    (``matmul_peak``, the precision's dtype): ``gemm_to_peak`` is the median per-pair ratio of the
+    replay's rate to that peak, and ``forward_peak_flop`` the median of forward time × peak (the FLOPs
+    the peak does in one forward, so the model's FLOPs divided by it are its efficiency, paired alike).
+    No faster attention or merging can lift the model's efficiency above ``gemm_to_peak`` × (model FLOPs
+    ÷ GEMM FLOPs), the efficiency of a forward that would be all GEMM time.
     """
     device = device or next(model.parameters()).device
     calls: list[tuple[nn.Linear, torch.Tensor]] = []
@@ -157,18 +161,26 @@ def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device
                 for module, inp in calls:
                     F.linear(inp, module.weight, module.bias)
 
-            forward_s, linear_s = [], []
+            forward_s, linear_s, peaks = [], [], []
             for _ in range(runs):
                 forward_s += time_fn(forward, device, warmup=1, runs=1)
                 linear_s += time_fn(replay, device, warmup=1, runs=1)
+                if peak_size:
+                    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" \
+                        else torch.float32
+                    peaks.append(matmul_peak(device, peak_size, dtype=dtype, warmup=1, runs=1))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     macs = sum(inp.numel() // inp.shape[-1] * module.in_features * module.out_features for module, inp in calls)
-    return {"forward_s": statistics.median(forward_s), "linear_s": statistics.median(linear_s),
-            "linear_share": statistics.median(g / f for g, f in zip(linear_s, forward_s)),
-            "linear_macs": float(macs), "linear_calls": float(len(calls))}
+    result = {"forward_s": statistics.median(forward_s), "linear_s": statistics.median(linear_s),
+              "linear_share": statistics.median(g / f for g, f in zip(linear_s, forward_s)),
+              "linear_macs": float(macs), "linear_calls": float(len(calls))}
+    if peaks:
+        result["gemm_to_peak"] = statistics.median(2.0 * macs / g / pk for g, pk in zip(linear_s, peaks))
+        result["forward_peak_flop"] = statistics.median(f * pk for f, pk in zip(forward_s, peaks))
+    return result
 
 
 def _sync(device: torch.device) -> None:

@@ -240,20 +240,20 @@ def _block_table(model: nn.Module, batch_size: int, img_size: int, device: torch
 
 
 def _gemm_share(model: nn.Module, batch_size: int, img_size: int, device: torch.device, precision: str,
-                runs: int, peak: float, counts: dict[str, Any]) -> str:
+                runs: int, peak_size: int, counts: dict[str, Any]) -> str:
     """The model's nn.Linear GEMMs replayed alone (lib.benchmark.linear_replay) against its forward."""
-    r = linear_replay(model, batch_size, img_size, device, precision, runs=runs)
+    r = linear_replay(model, batch_size, img_size, device, precision, runs=runs, peak_size=peak_size)
     model_work = 2.0 * (counts["fvcore_flops"] + counts["attention_macs"]) * batch_size
     gemm_work = 2.0 * r["linear_macs"]
     share = r["linear_share"]
     return "\n".join([
-        f"batch {batch_size}, {precision}, peak {peak / 1e9:.1f} GFLOP/s (this run's rounds), medians of {runs} "
-        f"alternating timings",
+        f"batch {batch_size}, {precision}, medians of {runs} alternating (forward, GEMM replay, matmul peak n="
+        f"{peak_size}) triples; percentages of peak are per triple",
         f"forward: {1e3 * r['forward_s']:.2f} ms, {model_work / 1e9:.2f} GFLOP, "
-        f"efficiency {100 * model_work / r['forward_s'] / peak:.1f}%",
+        f"efficiency {100 * model_work / r['forward_peak_flop']:.1f}%",
         f"{int(r['linear_calls'])} nn.Linear calls replayed alone: {1e3 * r['linear_s']:.2f} ms, "
         f"{gemm_work / 1e9:.2f} GFLOP ({100 * gemm_work / model_work:.1f}% of the model's), "
-        f"rate {gemm_work / r['linear_s'] / 1e9:.1f} GFLOP/s = {100 * gemm_work / r['linear_s'] / peak:.1f}% of peak",
+        f"rate {gemm_work / r['linear_s'] / 1e9:.1f} GFLOP/s = {100 * r['gemm_to_peak']:.1f}% of peak",
         f"share of the forward (median of per-pair ratios): GEMMs {100 * share:.1f}%, everything else (attention, "
         f"norms, GELU, merging, copies) {100 * (1 - share):.1f}%",
     ]) + "\n"
@@ -522,7 +522,7 @@ def _write_profiles(args: argparse.Namespace, prepared: dict[Variant, _Prepared]
             (out_dir / f"{stem}_blocks.txt").write_text(
                 _block_table(p.model, bs, img_size, device, args.precision, args.runs, peak), encoding="utf-8")
             (out_dir / f"{stem}_gemm.txt").write_text(
-                _gemm_share(p.model, bs, img_size, device, args.precision, max(args.runs, 7), peak, p.counts),
+                _gemm_share(p.model, bs, img_size, device, args.precision, max(args.runs, 7), args.peak_size, p.counts),
                 encoding="utf-8")
         if not v.folded and not v.compiled and not args.no_train:
             step = make_train_step(copy.deepcopy(p.model), bs, args.num_classes, img_size, device, args.precision)

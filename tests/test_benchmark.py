@@ -145,6 +145,9 @@ def test_linear_replay_times_exactly_the_models_gemms():
     assert result["linear_macs"] == 3 * (parts["matmuls"] - conv)    # every nn.Linear, LoRA's included
     assert result["linear_calls"] == depth * 6 + 1                     # qkv, LoRA down/up, proj, fc1, fc2; head
     assert 0 < result["linear_s"] and 0 < result["forward_s"] and 0 < result["linear_share"]
+    assert "gemm_to_peak" not in result
+    paired = linear_replay(model, batch_size=3, img_size=img, runs=2, peak_size=64)
+    assert paired["gemm_to_peak"] > 0 and paired["forward_peak_flop"] > 0
     assert model.training and not any(m._forward_hooks for m in model.modules())   # the model is left as it was
 
 
