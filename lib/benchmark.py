@@ -122,7 +122,8 @@ def time_blocks(model: nn.Module, batch_size: int, img_size: int = 224, device: 
 
 
 def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device: torch.device | None = None,
-                  precision: str = "fp32", runs: int = 3, peak_size: int | None = None) -> dict[str, float]:
+                  precision: str = "fp32", runs: int = 3, peak_size: int | None = None,
+                  also: type[nn.Module] | None = None) -> dict[str, float]:
     """The model's ``nn.Linear`` GEMMs timed alone, against its whole forward: how much of the time is GEMM.
 
     One eval forward records every ``nn.Linear`` call's input; ``linear_s`` is then the median time of
@@ -136,15 +137,23 @@ def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device
     replay's rate to that peak, and ``forward_peak_flop`` the median of forward time × peak (the FLOPs
     the peak does in one forward, so the model's FLOPs divided by it are its efficiency, paired alike).
     No faster attention or merging can lift the model's efficiency above ``gemm_to_peak`` × (model FLOPs
-    ÷ GEMM FLOPs), the efficiency of a forward that would be all GEMM time.
+    ÷ GEMM FLOPs), the efficiency of a forward that would be all GEMM time. ``also`` (a module class, e.g.
+    ``models.pyra.PYRA``) records those modules' calls too and replays them alone in the same rounds
+    (``module(*inputs)``): ``also_s``, and ``also_share`` of the forward, is what that module costs.
     """
     device = device or next(model.parameters()).device
     calls: list[tuple[nn.Linear, torch.Tensor]] = []
+    also_calls: list[tuple[nn.Module, tuple[torch.Tensor, ...]]] = []
 
     def record(module: nn.Module, args: Any, output: Any) -> None:
         calls.append((module, args[0].detach()))
 
+    def record_also(module: nn.Module, args: Any, output: Any) -> None:
+        also_calls.append((module, tuple(a.detach() for a in args)))
+
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Linear)]
+    if also is not None:
+        hooks += [m.register_forward_hook(record_also) for m in model.modules() if isinstance(m, also)]
     was_training = model.training
     model.eval()
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
@@ -161,10 +170,16 @@ def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device
                 for module, inp in calls:
                     F.linear(inp, module.weight, module.bias)
 
-            forward_s, linear_s, peaks = [], [], []
+            def replay_also() -> None:
+                for module, inputs in also_calls:
+                    module(*inputs)
+
+            forward_s, linear_s, also_s, peaks = [], [], [], []
             for _ in range(runs):
                 forward_s += time_fn(forward, device, warmup=1, runs=1)
                 linear_s += time_fn(replay, device, warmup=1, runs=1)
+                if also is not None:
+                    also_s += time_fn(replay_also, device, warmup=1, runs=1)
                 if peak_size:
                     dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" \
                         else torch.float32
@@ -177,6 +192,9 @@ def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device
     result = {"forward_s": statistics.median(forward_s), "linear_s": statistics.median(linear_s),
               "linear_share": statistics.median(g / f for g, f in zip(linear_s, forward_s)),
               "linear_macs": float(macs), "linear_calls": float(len(calls))}
+    if also is not None:
+        result.update(also_s=statistics.median(also_s), also_calls=float(len(also_calls)),
+                      also_share=statistics.median(a / f for a, f in zip(also_s, forward_s)))
     if peaks:
         result["gemm_to_peak"] = statistics.median(2.0 * macs / g / pk for g, pk in zip(linear_s, peaks))
         result["forward_peak_flop"] = statistics.median(f * pk for f, pk in zip(forward_s, peaks))

@@ -99,6 +99,7 @@ from lib.distributed import DistInfo  # noqa: E402
 from lib.loaders import build_eval_loader  # noqa: E402
 from models import fold_lora  # noqa: E402
 from models.backbones import MERGING_SETTINGS  # noqa: E402
+from models.pyra import PYRA  # noqa: E402
 from models.vit import set_size_bias  # noqa: E402
 
 __all__ = ["Variant", "setting_overrides", "load_setting_config", "build", "run_benchmark", "format_table",
@@ -242,7 +243,9 @@ def _block_table(model: nn.Module, batch_size: int, img_size: int, device: torch
 def _gemm_share(model: nn.Module, batch_size: int, img_size: int, device: torch.device, precision: str,
                 runs: int, peak_size: int, counts: dict[str, Any]) -> str:
     """The model's nn.Linear GEMMs replayed alone (lib.benchmark.linear_replay) against its forward."""
-    r = linear_replay(model, batch_size, img_size, device, precision, runs=runs, peak_size=peak_size)
+    has_pyra = any(isinstance(m, PYRA) for m in model.modules())
+    r = linear_replay(model, batch_size, img_size, device, precision, runs=runs, peak_size=peak_size,
+                      also=PYRA if has_pyra else None)
     model_work = 2.0 * (counts["fvcore_flops"] + counts["attention_macs"]) * batch_size
     gemm_work = 2.0 * r["linear_macs"]
     share = r["linear_share"]
@@ -256,7 +259,9 @@ def _gemm_share(model: nn.Module, batch_size: int, img_size: int, device: torch.
         f"rate {gemm_work / r['linear_s'] / 1e9:.1f} GFLOP/s = {100 * r['gemm_to_peak']:.1f}% of peak",
         f"share of the forward (median of per-pair ratios): GEMMs {100 * share:.1f}%, everything else (attention, "
         f"norms, GELU, merging, copies) {100 * (1 - share):.1f}%",
-    ]) + "\n"
+    ] + ([f"{int(r['also_calls'])} PYRA modules replayed alone (LayerNorm, the W_r and W_D products, sigmoids, "
+          f"modulation): {1e3 * r['also_s']:.2f} ms, {100 * r['also_share']:.2f}% of the forward (median of "
+          f"per-pair ratios)"] if has_pyra else [])) + "\n"
 
 
 def _rotate(items: list[Any], shift: int) -> list[Any]:

@@ -147,7 +147,16 @@ def test_linear_replay_times_exactly_the_models_gemms():
     assert 0 < result["linear_s"] and 0 < result["forward_s"] and 0 < result["linear_share"]
     assert "gemm_to_peak" not in result
     paired = linear_replay(model, batch_size=3, img_size=img, runs=2, peak_size=64)
-    assert paired["gemm_to_peak"] > 0 and paired["forward_peak_flop"] > 0
+    assert paired["gemm_to_peak"] > 0 and paired["forward_peak_flop"] > 0 and "also_s" not in paired
+
+
+def test_linear_replay_also_replays_the_pyra_modules():
+    from models.pyra import PYRA
+
+    model = create_model("vit", num_classes=10, embed_dim=32, depth=3, num_heads=2, patch_size=8, img_size=32,
+                         merging=[3, 2, 1], pyra=True)
+    result = linear_replay(model, batch_size=2, img_size=32, runs=2, also=PYRA)
+    assert result["also_calls"] == 3 and 0 < result["also_share"] < 1 and result["also_s"] > 0
     assert model.training and not any(m._forward_hooks for m in model.modules())   # the model is left as it was
 
 
@@ -231,6 +240,8 @@ def test_main_tiny_emits_every_field_with_its_type(tmp_path):
     assert "aten::addmm" in profile and (tmp_path / "prof" / "profile_plain_train.txt").is_file()
     gemm = (tmp_path / "prof" / "profile_pyra_high_gemm.txt").read_text()
     assert "nn.Linear calls replayed alone" in gemm and "share of the forward" in gemm
+    assert "PYRA modules replayed alone" in gemm
+    assert "PYRA" not in (tmp_path / "prof" / "profile_plain_gemm.txt").read_text()
     blocks = (tmp_path / "prof" / "profile_pyra_high_blocks.txt").read_text().splitlines()
     assert len(blocks) == 2 + 12 + 1 and blocks[2].split()[1] == "17->9"
 
