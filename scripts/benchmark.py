@@ -250,14 +250,15 @@ def _gemm_share(model: nn.Module, batch_size: int, img_size: int, device: torch.
     gemm_work = 2.0 * r["linear_macs"]
     share = r["linear_share"]
     return "\n".join([
-        f"batch {batch_size}, {precision}, medians of {runs} alternating (forward, GEMM replay, matmul peak n="
-        f"{peak_size}) triples; percentages of peak are per triple",
+        f"batch {batch_size}, {precision}, medians of {runs} rounds, each timing back to back the forward, the "
+        f"GEMM replay{', the PYRA replay' if has_pyra else ''} and a matmul peak (n={peak_size}); shares and "
+        f"percentages of peak are per round",
         f"forward: {1e3 * r['forward_s']:.2f} ms, {model_work / 1e9:.2f} GFLOP, "
         f"efficiency {100 * model_work / r['forward_peak_flop']:.1f}%",
         f"{int(r['linear_calls'])} nn.Linear calls replayed alone: {1e3 * r['linear_s']:.2f} ms, "
         f"{gemm_work / 1e9:.2f} GFLOP ({100 * gemm_work / model_work:.1f}% of the model's), "
         f"rate {gemm_work / r['linear_s'] / 1e9:.1f} GFLOP/s = {100 * r['gemm_to_peak']:.1f}% of peak",
-        f"share of the forward (median of per-pair ratios): GEMMs {100 * share:.1f}%, everything else (attention, "
+        f"share of the forward: GEMMs {100 * share:.1f}%, everything else (attention, "
         f"norms, GELU, merging, copies) {100 * (1 - share):.1f}%",
     ] + ([f"{int(r['also_calls'])} PYRA modules replayed alone (LayerNorm, the W_r and W_D products, sigmoids, "
           f"modulation): {1e3 * r['also_s']:.2f} ms, {100 * r['also_share']:.2f}% of the forward (median of "
