@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .engine import autocast_ctx
+from .engine import PRECISIONS, autocast_ctx
 
 __all__ = ["count_flops", "flop_counts", "sdpa_flop_jit", "measure_throughput", "merged_speedup", "tokens_per_layer",
            "time_fn", "autocast_ctx", "efficiency", "matmul_peak", "make_train_step", "measure_train_step",
@@ -181,9 +181,8 @@ def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device
                 if also is not None:
                     also_s += time_fn(replay_also, device, warmup=1, runs=1)
                 if peak_size:
-                    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" \
-                        else torch.float32
-                    peaks.append(matmul_peak(device, peak_size, dtype=dtype, warmup=1, runs=1))
+                    peaks.append(matmul_peak(device, peak_size, dtype=PRECISIONS[precision] or torch.float32,
+                                             warmup=1, runs=1))
     finally:
         for h in hooks:
             h.remove()

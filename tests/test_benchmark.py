@@ -227,6 +227,10 @@ def test_main_tiny_emits_every_field_with_its_type(tmp_path):
         else:
             assert all(row[f] > 0 for f in train), (label, row)
         assert row["compile_s"] is None and row["attention"] == (None if label.startswith("plain") else "mask")
+    for bs in (1, 2):   # the environment's per-round peak is the median of the peaks beside that round's timings
+        beside = [rows[(label, bs)]["peak_gflops_rounds"] for label in labels]
+        assert env["peak_gflops_precision_rounds"][str(bs)] == pytest.approx(
+            [sorted(r[i] for r in beside)[1] / 2 + sorted(r[i] for r in beside)[2] / 2 for i in range(2)])
     assert rows[("plain", 2)]["train_ratio"] == pytest.approx(1.0)
     for bs in (1, 2):
         assert rows[("plain", bs)]["ratio_to_plain"] == pytest.approx(1.0)
