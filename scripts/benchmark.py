@@ -6,7 +6,7 @@ Usage::
     python scripts/benchmark.py [--config configs/vit_b16/lora_none.yaml] [key=value ...]
         [--settings none tome_low tome_high pyra_low pyra_high] [--batch-sizes 1 8 32 64 256]
         [--device cpu|cuda] [--precision fp32|bf16|fp16] [--threads N] [--rounds 3]
-        [--fold both|no|yes] [--compile off|on|both] [--attention mask feature]
+        [--fold both|no|yes] [--compile off on frozen | both] [--attention mask feature]
         [--no-train] [--no-e2e] [--workers N] [--json PATH] [--plot PATH] [--profile [DIR]]
 
 Every model is built by the project's one build path, ``lib.build.build_model(cfg, num_classes)``, from
@@ -14,7 +14,9 @@ the config (``lib.config.load_config``) plus the ``key=value`` overrides, with e
 the overrides ``merging.r`` / ``merging.pyra`` of ``models.backbones.MERGING_SETTINGS`` ("none" is
 shown as "plain"). Weights are the config's seed's random ones unless ``--pretrained`` (speed does not
 depend on them). Variants: LoRA as is and folded into qkv (``--fold``), eager and ``torch.compile``
-(``--compile``; the compile time is reported apart from the steady-state speed), and the two forms of
+(``--compile``; ``frozen`` compiles with inductor's ``freezing``: weights become constants of the graph,
+folded and, on CPU, pre-packed for MKL, which is valid for inference only; the compile time is reported
+apart from the steady-state speed), and the two forms of
 proportional attention (``--attention``: ``log(size)`` as an SDPA mask or as an extra head feature).
 
 For every batch size, inference and training are timed round-robin over the variants for several
@@ -133,6 +135,7 @@ class Variant:
     folded: bool = False
     compiled: bool = False
     attention: str | None = None
+    frozen: bool = False   # compiled with inductor's freezing (inference only)
 
     @property
     def label(self) -> str:
@@ -142,7 +145,7 @@ class Variant:
         if self.folded:
             parts.append("folded")
         if self.compiled:
-            parts.append("compiled")
+            parts.append("compiled frozen" if self.frozen else "compiled")
         return " ".join(parts)
 
 
@@ -184,9 +187,10 @@ def _settings(requested: Sequence[str] | None) -> list[str]:
 
 def _variants(args: argparse.Namespace, settings: Sequence[str], has_lora: bool) -> list[Variant]:
     folds = {"no": [False], "yes": [True], "both": [False, True]}[args.fold] if has_lora else [False]
-    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    out = [Variant(s, folded, compiled, None if MERGING_SETTINGS[s][0] is None else attention)
-           for s in settings for attention in args.attention for folded in folds for compiled in compiles]
+    modes = {"off": (False, False), "on": (True, False), "frozen": (True, True)}
+    compiles = [modes[c] for c in args.compile]
+    out = [Variant(s, folded, compiled, None if MERGING_SETTINGS[s][0] is None else attention, frozen)
+           for s in settings for attention in args.attention for folded in folds for compiled, frozen in compiles]
     out = list(dict.fromkeys(out))   # "none" has one attention form
     reference = Variant(REFERENCE)
     return out if reference in out else [reference, *out]
@@ -315,8 +319,9 @@ class _Prepared:
     def __init__(self, variant: Variant, model: nn.Module, device: torch.device, img_size: int) -> None:
         self.variant = variant
         self.model = model
-        self.runner: Callable[[torch.Tensor], Any] = torch.compile(model, dynamic=False) if variant.compiled \
-            else model
+        self.runner: Callable[[torch.Tensor], Any] = model
+        if variant.compiled:
+            self.runner = torch.compile(model, dynamic=False, options={"freezing": True} if variant.frozen else None)
         self.params, self.trainable = _count_params(model)
         self.counts = flop_counts(model, img_size, device)
         self.times: dict[int, list[list[float]]] = {}
@@ -454,7 +459,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             flops = p.counts["fvcore_flops"] + p.counts["attention_macs"]
             row: dict[str, Any] = dict(
                 setting=DISPLAY.get(v.setting, v.setting), merging=v.setting, label=v.label, batch_size=bs,
-                folded=v.folded, compiled=v.compiled, attention=v.attention,
+                folded=v.folded, compiled=v.compiled, frozen=v.frozen, attention=v.attention,
                 images_per_s=bs / median_s,
                 end_to_end_images_per_s=p.e2e[bs]["images_per_s"] if bs in p.e2e else None,
                 fvcore_flops=int(p.counts["fvcore_flops"]), torch_flops=int(p.counts["torch_flops"]),
@@ -614,8 +619,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-steps", type=int, default=2, help="training steps the memory probe runs")
     p.add_argument("--peak-size", type=int, default=None, help="matrix size of the peak GEMM (2048 CPU, 8192 CUDA)")
     p.add_argument("--fold", default="both", choices=["both", "no", "yes"], help="LoRA as is and/or folded")
-    p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the inference "
-                   "models (both: eager and compiled rows); the compile time is reported apart")
+    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on", "frozen", "both"],
+                   help="eager (off) and/or torch.compile'd (on; frozen: with inductor's freezing, inference only) "
+                        "rows; both = off on; the compile time is reported apart")
     p.add_argument("--attention", nargs="+", default=["mask"], choices=["mask", "feature"],
                    help="forms of proportional attention to measure (models.vit.set_size_bias)")
     p.add_argument("--no-train", action="store_true", help="skip the training step and memory measurements")
@@ -650,6 +656,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.e2e_batches < 2:
         p.error("--e2e-batches must be at least 2 (the first batch is not timed)")
     args.warmup = max(args.warmup, 2)
+    expanded = (c for mode in args.compile for c in (("off", "on") if mode == "both" else (mode,)))
+    args.compile = list(dict.fromkeys(expanded))
     if args.train_batch_sizes is None:
         args.train_batch_sizes = list(args.batch_sizes)
     try:

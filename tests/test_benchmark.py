@@ -283,16 +283,24 @@ def test_settings_always_include_the_reference():
                                                  ["none", "pyra_high"], has_lora=True)]
     assert labels[0] == "plain" and "pyra_high feature-attn folded compiled" in labels
     assert len(labels) == 2 * 2 + 2 * 2 * 2   # plain has no size bias, so one attention form
+    args = script.parse_args([*TINY, "--fold", "yes", "--compile", "both", "frozen"])
+    assert args.compile == ["off", "on", "frozen"]
+    variants = script._variants(args, ["none"], has_lora=True)
+    assert [v.label for v in variants] == ["plain", "plain folded", "plain folded compiled",
+                                           "plain folded compiled frozen"]
+    assert [(v.compiled, v.frozen) for v in variants[1:]] == [(False, False), (True, False), (True, True)]
 
 
 @pytest.mark.benchmark
 def test_compiled_rows_report_compile_time_apart(tmp_path):
     """torch.compile as a measured setting (slow: inductor compiles the tiny model)."""
-    report = _load_script().main([*TINY, "--settings", "none", "--fold", "no", "--compile", "both", "--no-train",
-                                  "--no-e2e", "--batch-sizes", "1", "--json", str(tmp_path / "c.json")])
+    report = _load_script().main([*TINY, "--settings", "none", "--fold", "no", "--compile", "both", "frozen",
+                                  "--no-train", "--no-e2e", "--batch-sizes", "1", "--json", str(tmp_path / "c.json")])
     rows = {r["label"]: r for r in report["results"]}
-    assert set(rows) == {"plain", "plain compiled"}
-    assert rows["plain compiled"]["compile_s"] > 0 and rows["plain compiled"]["images_per_s"] > 0
+    assert set(rows) == {"plain", "plain compiled", "plain compiled frozen"}
+    for label in ("plain compiled", "plain compiled frozen"):
+        assert rows[label]["compile_s"] > 0 and rows[label]["images_per_s"] > 0
+    assert rows["plain compiled frozen"]["frozen"] and not rows["plain compiled"]["frozen"]
     assert rows["plain"]["compile_s"] is None and rows["plain"]["end_to_end_images_per_s"] is None
 
 
