@@ -22,8 +22,9 @@ proportional attention (``--attention``: ``log(size)`` as an SDPA mask or as an 
 For every batch size, inference and training are timed round-robin over the variants for several
 rounds, so that drift of the machine hits all of them alike; the reported time is the median over all
 timed runs, and ratios to plain and efficiencies are medians of per-round pairs: against the plain run
-of the same round, and against a matmul peak measured right before the variant's own timing (the speed
-of a shared machine drifts within a round; each row keeps its peaks in ``peak_gflops_rounds``). The load
+of the same round, and against the mean of the matmul peaks measured right before and right after the
+variant's own timing (the speed of a shared machine drifts within a round; each row keeps its peaks in
+``peak_gflops_rounds`` and the two sides in ``peak_gflops_bracket_rounds``). The load
 average is recorded every round. Then each variant
 runs once through the project's own data path (``lib.data.build_dataset`` → ``lib.loaders.
 build_eval_loader`` with its workers: JPEG decode, bicubic resize, normalise, then the model) on JPEGs
@@ -325,7 +326,8 @@ class _Prepared:
         self.params, self.trainable = _count_params(model)
         self.counts = flop_counts(model, img_size, device)
         self.times: dict[int, list[list[float]]] = {}
-        self.peaks: dict[int, list[float]] = {}   # per round: the matmul peak measured just before the timing
+        self.peaks: dict[int, list[float]] = {}   # per round: mean of the matmul peaks bracketing the timing
+        self.brackets: dict[int, list[tuple[float, float]]] = {}   # per round: (peak before, peak after)
         self.first_call_s: dict[int, float] = {}
         self.backends: dict[int, list[str]] = {}
         self.e2e: dict[int, dict[str, float]] = {}
@@ -397,7 +399,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 p.first_call_s[bs] = time.perf_counter() - start
                 p.backends[bs] = sdpa_backends(lambda p=p: infer(p), device)
                 time_fn(lambda p=p: infer(p), device, warmup=max(args.warmup - 2, 0), runs=0)
-                p.times[bs], p.peaks[bs] = [], []
+                p.times[bs], p.peaks[bs], p.brackets[bs] = [], [], []
             for v in (train_variants if bs in args.train_batch_sizes else []):
                 m = copy.deepcopy(prepared[v].model)
                 steps[(v, bs)] = dict(step=make_train_step(m, bs, args.num_classes, img_size, device, args.precision),
@@ -411,12 +413,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 loads[bs].append(os.getloadavg()[0])
                 if args.precision != "fp32":   # the environment's fp32 peak; the precision's is timed per variant
                     peaks[bs]["fp32"].append(matmul_peak(device, args.peak_size, runs=args.runs))
+                # Each timing is bracketed by matmul peaks (one after every variant, so each peak closes one
+                # timing and opens the next): the machine's speed drifts within a round, and the mean of the
+                # peaks on both sides tracks a timing's speed better than either one alone.
+                def peak() -> float:
+                    return matmul_peak(device, args.peak_size, dtype=PRECISIONS[args.precision], warmup=1,
+                                       runs=args.runs)
+
+                before = peak()
                 for key in _rotate(keys, rnd):   # no variant always runs first
                     p = prepared[key]
-                    # The peak right before this variant's timing: the machine's speed drifts within a round.
-                    p.peaks[bs].append(matmul_peak(device, args.peak_size, dtype=PRECISIONS[args.precision],
-                                                   warmup=1, runs=args.runs))
                     p.times[bs].append(time_fn(lambda p=p: infer(p), device, warmup=0, runs=args.runs))
+                    after = peak()
+                    p.brackets[bs].append((before, after))
+                    p.peaks[bs].append((before + after) / 2)
+                    before = after
                 for v in _rotate([v for v in train_variants if (v, bs) in steps], rnd):
                     s = steps[(v, bs)]
                     s["times"].append(time_fn(s["step"], device, warmup=0, runs=args.train_runs))
@@ -469,6 +480,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 ratio_to_plain=statistics.median(r / s for r, s in zip(ref_rounds, rounds)),
                 efficiency=statistics.median(efficiency(flops, bs / s, pk) for s, pk in zip(rounds, p.peaks[bs])),
                 peak_gflops_rounds=[pk / 1e9 for pk in p.peaks[bs]],
+                peak_gflops_bracket_rounds=[[b / 1e9, a / 1e9] for b, a in p.brackets[bs]],
                 train_step_s=None, train_ratio=None, train_spread=None, train_round_s=None, peak_mem_mb=None,
                 compile_s=max(p.first_call_s[bs] - median_s, 0.0) if v.compiled else None,
                 first_call_s=p.first_call_s[bs], sdpa_backends=p.backends[bs],

@@ -107,7 +107,10 @@ def _environment(report: dict[str, Any]) -> str:
 
 
 def _peak_pairing(report: dict[str, Any]) -> str:
-    """How efficiency was paired with the peak: records with per-row peaks measured one before each timing."""
+    """How efficiency was paired with the peak: per-row peaks bracketing each timing, or (older records) one
+    measured right before it; nothing for the oldest, which paired one peak per round."""
+    if all(row.get("peak_gflops_bracket_rounds") for row in report["results"]):
+        return "; efficiency against the mean of peaks measured right before and after each timing"
     if all(row.get("peak_gflops_rounds") for row in report["results"]):
         return "; efficiency against a peak measured right before each timing"
     return ""

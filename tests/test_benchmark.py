@@ -218,6 +218,7 @@ def test_main_tiny_emits_every_field_with_its_type(tmp_path):
         assert row["gflops"] == pytest.approx(row["flops"] / 2 ** 30)
         assert row["sdpa_backends"] == ["flash (cpu)"] * 12
         assert len(row["peak_gflops_rounds"]) == len(row["round_s"]) == 2 and min(row["peak_gflops_rounds"]) > 0
+        assert [sum(pair) / 2 for pair in row["peak_gflops_bracket_rounds"]] == pytest.approx(row["peak_gflops_rounds"])
         per_round = [efficiency(row["flops"], bs / t, p * 1e9)
                      for t, p in zip(row["round_s"], row["peak_gflops_rounds"])]
         assert row["efficiency"] == pytest.approx(sorted(per_round)[0] / 2 + sorted(per_round)[1] / 2)
@@ -227,6 +228,12 @@ def test_main_tiny_emits_every_field_with_its_type(tmp_path):
         else:
             assert all(row[f] > 0 for f in train), (label, row)
         assert row["compile_s"] is None and row["attention"] == (None if label.startswith("plain") else "mask")
+    for bs in (1, 2):   # each peak closes one timing and opens the next: 4 timings, 5 peaks per round
+        for rnd in range(2):
+            brackets = sorted(tuple(rows[(label, bs)]["peak_gflops_bracket_rounds"][rnd]) for label in labels)
+            afters = {after for _, after in brackets}
+            opening = [b for b, _ in brackets if b not in afters]
+            assert len(opening) == 1 and len(afters) == 4, brackets   # one chain: first peak -> ... -> last
     for bs in (1, 2):   # the environment's per-round peak is the median of the peaks beside that round's timings
         beside = [rows[(label, bs)]["peak_gflops_rounds"] for label in labels]
         assert env["peak_gflops_precision_rounds"][str(bs)] == pytest.approx(
@@ -349,6 +356,9 @@ def test_readme_generator_round_trips_a_json(tmp_path):
     for row in paired["results"]:
         row["peak_gflops_rounds"] = [100.0, 101.0]
     assert "efficiency against a peak measured right before each timing" in table.render(paired)
+    for row in paired["results"]:
+        row["peak_gflops_bracket_rounds"] = [[99.0, 101.0], [100.0, 102.0]]
+    assert "efficiency against the mean of peaks measured right before and after each timing" in table.render(paired)
     assert table.main([str(source), "--block", "cpu", "--check", str(readme)]) == 1
     assert table.main([str(source), "--block", "cpu", "--write", str(readme)]) == 0
     assert table.main([str(source), "--block", "cpu", "--check", str(readme)]) == 0
