@@ -403,7 +403,7 @@ def test_straightforward_reference_timing_runs_and_reports(tmp_path):
 
 README_SPEED_BLOCKS = {"cpu-b8": "cpu_b8.json", "cpu-focus": "cpu_focus_b8.json", "cpu-pairs": "cpu_pairs_b8.json",
                        "cpu-curve": "cpu_curve.json", "cpu-compile": "cpu_compile_b8.json",
-                       "cpu-attention": "cpu_attention_b8.json"}
+                       "cpu-attention": "cpu_attention_b8.json", "cpu-train-pairs": "cpu_train_pairs_b8.json"}
 
 
 def test_readme_speed_blocks_are_generated_from_the_committed_records():
