@@ -181,7 +181,7 @@ def linear_replay(model: nn.Module, batch_size: int, img_size: int = 224, device
                 if also is not None:
                     also_s += time_fn(replay_also, device, warmup=1, runs=1)
                 if peak_size:
-                    peaks.append(matmul_peak(device, peak_size, dtype=PRECISIONS[precision] or torch.float32,
+                    peaks.append(matmul_peak(device, peak_size, dtype=PRECISIONS[precision],
                                              warmup=1, runs=1))
     finally:
         for h in hooks:
@@ -293,14 +293,15 @@ def efficiency(flops: float, images_per_s: float, peak_flops: float) -> float:
     return 2.0 * flops * images_per_s / peak_flops
 
 
-def matmul_peak(device: torch.device, size: int | None = None, dtype: torch.dtype = torch.float32,
+def matmul_peak(device: torch.device, size: int | None = None, dtype: torch.dtype | None = None,
                 warmup: int = 2, runs: int = 5) -> float:
     """FLOP/s (2·n³ per product) of a large square GEMM: the practical peak the model is compared with.
 
     The median of ``runs`` products of n×n matrices, n = 2048 on CPU and 8192 on CUDA by default, at
-    the current thread count.
+    the current thread count; ``dtype`` None is fp32 (as ``lib.engine.PRECISIONS`` maps "fp32").
     """
     device = torch.device(device)
+    dtype = dtype or torch.float32
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)

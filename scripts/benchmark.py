@@ -24,12 +24,11 @@ rounds, so that drift of the machine hits all of them alike; the reported time i
 timed runs, and ratios to plain and efficiencies are medians of per-round pairs: against the plain run
 of the same round, and against the mean of the matmul peaks measured right before and right after the
 variant's own timing (the speed of a shared machine drifts within a round; each row keeps its peaks in
-``peak_gflops_rounds`` and the two sides in ``peak_gflops_bracket_rounds``). The load
-average is recorded every round. Then each variant
-runs once through the project's own data path (``lib.data.build_dataset`` → ``lib.loaders.
-build_eval_loader`` with its workers: JPEG decode, bicubic resize, normalise, then the model) on JPEGs
-the harness writes in the VTAB-1k layout: ``end_to_end_images_per_s``, next to the model-only
-``images_per_s`` on a tensor already in memory.
+``peak_gflops_rounds`` and the two sides in ``peak_gflops_bracket_rounds``). The load average is
+recorded every round. Then each variant runs once through the project's own data path
+(``lib.data.build_dataset`` → ``lib.loaders.build_eval_loader`` with its workers: JPEG decode, bicubic
+resize, normalise, then the model) on JPEGs the harness writes in the VTAB-1k layout:
+``end_to_end_images_per_s``, next to the model-only ``images_per_s`` on a tensor already in memory.
 
 FLOPs for one image, three ways (``lib.benchmark.flop_counts``): fvcore as a user runs it
 (multiply-adds), ``FlopCounterMode`` (FLOPs, two per multiply-add), and the attention multiply-adds
@@ -99,11 +98,12 @@ from lib.build import build_model  # noqa: E402
 from lib.config import load_config  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
 from lib.distributed import DistInfo  # noqa: E402
+from lib.engine import PRECISIONS  # noqa: E402
 from lib.loaders import build_eval_loader  # noqa: E402
 from models import fold_lora  # noqa: E402
 from models.backbones import MERGING_SETTINGS  # noqa: E402
 from models.pyra import PYRA  # noqa: E402
-from models.vit import set_size_bias  # noqa: E402
+from models.vit import any_pyra, set_size_bias  # noqa: E402
 
 __all__ = ["Variant", "setting_overrides", "load_setting_config", "build", "run_benchmark", "format_table",
            "plot_curve", "parse_args", "main", "ROW_FIELDS", "ENV_FIELDS"]
@@ -114,7 +114,6 @@ DEFAULT_CONFIG = "configs/vit_b16/lora_none.yaml"
 E2E_TASK = "benchmark_images"
 DISTURBED = 0.10  # relative spread of the per-round medians above which a row is flagged
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on the heap
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The record of every row and of the environment (issue 14): field -> JSON type(s) (None: null allowed).
 ROW_FIELDS: dict[str, tuple] = {
@@ -248,7 +247,7 @@ def _block_table(model: nn.Module, batch_size: int, img_size: int, device: torch
 def _gemm_share(model: nn.Module, batch_size: int, img_size: int, device: torch.device, precision: str,
                 runs: int, peak_size: int, counts: dict[str, Any]) -> str:
     """The model's nn.Linear GEMMs replayed alone (lib.benchmark.linear_replay) against its forward."""
-    has_pyra = any(isinstance(m, PYRA) for m in model.modules())
+    has_pyra = any_pyra(model)
     r = linear_replay(model, batch_size, img_size, device, precision, runs=runs, peak_size=peak_size,
                       also=PYRA if has_pyra else None)
     model_work = 2.0 * (counts["fvcore_flops"] + counts["attention_macs"]) * batch_size
@@ -326,14 +325,17 @@ class _Prepared:
         self.params, self.trainable = _count_params(model)
         self.counts = flop_counts(model, img_size, device)
         self.times: dict[int, list[list[float]]] = {}
-        self.peaks: dict[int, list[float]] = {}   # per round: mean of the matmul peaks bracketing the timing
-        self.brackets: dict[int, list[tuple[float, float]]] = {}   # per round: (peak before, peak after)
+        self.brackets: dict[int, list[tuple[float, float]]] = {}   # per round: (peak before, peak after) the timing
         self.first_call_s: dict[int, float] = {}
         self.backends: dict[int, list[str]] = {}
         self.e2e: dict[int, dict[str, float]] = {}
 
     def __call__(self, x: torch.Tensor) -> Any:
         return self.runner(x)
+
+    def peaks(self, batch_size: int) -> list[float]:
+        """Per round, the peak the timing is paired with: the mean of the two bracketing it."""
+        return [(before + after) / 2 for before, after in self.brackets[batch_size]]
 
 
 def _prepare(args: argparse.Namespace, settings: list[str], device: torch.device,
@@ -399,7 +401,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 p.first_call_s[bs] = time.perf_counter() - start
                 p.backends[bs] = sdpa_backends(lambda p=p: infer(p), device)
                 time_fn(lambda p=p: infer(p), device, warmup=max(args.warmup - 2, 0), runs=0)
-                p.times[bs], p.peaks[bs], p.brackets[bs] = [], [], []
+                p.times[bs], p.brackets[bs] = [], []
             for v in (train_variants if bs in args.train_batch_sizes else []):
                 m = copy.deepcopy(prepared[v].model)
                 steps[(v, bs)] = dict(step=make_train_step(m, bs, args.num_classes, img_size, device, args.precision),
@@ -409,6 +411,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             peaks[bs] = {"fp32": [], args.precision: []}
             loads[bs] = []
             keys = list(prepared)
+
+            def peak() -> float:
+                return matmul_peak(device, args.peak_size, dtype=PRECISIONS[args.precision], warmup=1, runs=args.runs)
+
             for rnd in range(args.rounds):
                 loads[bs].append(os.getloadavg()[0])
                 if args.precision != "fp32":   # the environment's fp32 peak; the precision's is timed per variant
@@ -416,24 +422,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 # Each timing is bracketed by matmul peaks (one after every variant, so each peak closes one
                 # timing and opens the next): the machine's speed drifts within a round, and the mean of the
                 # peaks on both sides tracks a timing's speed better than either one alone.
-                def peak() -> float:
-                    return matmul_peak(device, args.peak_size, dtype=PRECISIONS[args.precision], warmup=1,
-                                       runs=args.runs)
-
                 before = peak()
                 for key in _rotate(keys, rnd):   # no variant always runs first
                     p = prepared[key]
                     p.times[bs].append(time_fn(lambda p=p: infer(p), device, warmup=0, runs=args.runs))
                     after = peak()
                     p.brackets[bs].append((before, after))
-                    p.peaks[bs].append((before + after) / 2)
                     before = after
                 for v in _rotate([v for v in train_variants if (v, bs) in steps], rnd):
                     s = steps[(v, bs)]
                     s["times"].append(time_fn(s["step"], device, warmup=0, runs=args.train_runs))
             loads[bs].append(os.getloadavg()[0])
             # The round's peak: the median of the peaks measured beside its variants' timings.
-            peaks[bs][args.precision] = [statistics.median(p.peaks[bs][rnd] for p in prepared.values())
+            peaks[bs][args.precision] = [statistics.median(p.peaks(bs)[rnd] for p in prepared.values())
                                          for rnd in range(args.rounds)]
             for v in [v for v in train_variants if (v, bs) in steps]:   # free the training copies
                 steps[(v, bs)]["step"] = None
@@ -478,8 +479,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 torch_counts_attention=bool(p.counts["torch_counts_attention"]),
                 flops=int(flops), gflops=flops / 2 ** 30, params=p.params, trainable=p.trainable,
                 ratio_to_plain=statistics.median(r / s for r, s in zip(ref_rounds, rounds)),
-                efficiency=statistics.median(efficiency(flops, bs / s, pk) for s, pk in zip(rounds, p.peaks[bs])),
-                peak_gflops_rounds=[pk / 1e9 for pk in p.peaks[bs]],
+                efficiency=statistics.median(efficiency(flops, bs / s, pk) for s, pk in zip(rounds, p.peaks(bs))),
+                peak_gflops_rounds=[pk / 1e9 for pk in p.peaks(bs)],
                 peak_gflops_bracket_rounds=[[b / 1e9, a / 1e9] for b, a in p.brackets[bs]],
                 train_step_s=None, train_ratio=None, train_spread=None, train_round_s=None, peak_mem_mb=None,
                 compile_s=max(p.first_call_s[bs] - median_s, 0.0) if v.compiled else None,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU speed record in one prepared script: ViT-B/16 + LoRA 8, batch 256, fp32 and bf16, plain, ToMe
 # low/high and PYRA low/high, LoRA folded and not, both forms of proportional attention, eager and
-# torch.compile, each run with its own large-GEMM peak (scripts/benchmark.py measures one per round).
+# torch.compile, each run with its own large-GEMM peaks (scripts/benchmark.py brackets every timing with two).
 #
 #   bash scripts/speed_gpu.sh [PART ...]     PART: eager | compile | all (default: all)
 #
