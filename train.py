@@ -35,6 +35,7 @@ from lib.optim import build_optimizer, build_scheduler
 from lib.runs import RunFolderError, RunLock, check_writable, config_changes
 from models import CheckpointError, param_report, trainable_state_dict
 from models.checkpoint import check_checkpoint_file
+from models.pyra import rename_earlier_keys
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"
 EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE = 2, 3, 4
@@ -262,6 +263,7 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
         raise ConfigError(str(e)) from None
     start_epoch, epoch_state, best = 0, EpochState(), {"acc1": -1.0, "epoch": -1}
     if ckpt is not None:
+        ckpt["model"] = rename_earlier_keys(ckpt["model"])   # runs saved before PYRA's parameters were renamed
         missing = [k for k in trainable_state_dict(model) if k not in ckpt["model"]]
         if missing:
             raise CheckpointError(f"{out / 'last.pth'} lacks trainable parameters {missing[:5]} of this config")

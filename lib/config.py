@@ -57,7 +57,11 @@ class PeftConfig:
 class MergingConfig:
     # null | a named schedule (low, high) | int | a per-layer list of ints | {r: int, inflection: in [-1, 1]}
     r: Merging = None
-    pyra: bool = False
+    method: str = "tome"                      # the reduction method: a models.reduction.REDUCTION_METHODS name
+    options: dict = field(default_factory=dict)  # the method's own keys (its Options), e.g. {} for tome
+    # false | true (the paper's PYRA) | {weights: both|channel|token, activation: sigmoid|none,
+    # generator: adaptive|static|gated_mlp} (models.pyra.PYRAVariant; missing keys: the paper's)
+    pyra: Any = False
     prop_attn: bool = True
 
 
@@ -136,11 +140,13 @@ class Config:
 # key -> (module, constant) that owns its allowed values (a tuple, or a dict keyed by them)
 _OWNERS = {"peft.type": ("models.peft", "PEFT_TYPES"), "peft.init": ("models.peft", "PEFT_INITS"),
            "peft.prompt_mode": ("models.prompt", "PROMPT_MODES"), "model.global_pool": ("models.vit", "GLOBAL_POOLS"),
-           "data.normalization": ("lib.data", "NORMALIZATIONS"), "train.precision": ("lib.engine", "PRECISIONS")}
+           "data.normalization": ("lib.data", "NORMALIZATIONS"), "train.precision": ("lib.engine", "PRECISIONS"),
+           "merging.method": ("models.reduction", "REDUCTION_METHODS")}
 _NOT_EMPTY = ("output_dir", "data.root", "data.task", "data.train_split", "data.eval_split")
 _SIZES, _CUSTOM = ("embed_dim", "depth", "num_heads", "patch_size"), "vit"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-_SCHEMA = Schema(Config, runtime=["config_path"], free=["merging.r"])  # r: judged by models.resolve_schedule
+_SCHEMA = Schema(Config, runtime=["config_path"], free=["merging.r", "merging.pyra", "merging.options"])
+# r: judged by models.resolve_schedule; pyra by models.pyra.parse_pyra; options by the method's Options
 DEFAULTS: dict[str, Any] = {k: v for k, v in config_to_dict(Config()).items() if k != "config_path"}
 
 
@@ -177,6 +183,25 @@ def _model_errors(m: Mapping) -> tuple[list[str], int | None]:
     return errors, own["depth"] if own["depth"] and own["depth"] >= 1 else None
 
 
+def _merging_errors(m: Mapping) -> tuple[list[str], bool]:
+    """The method's own keys and the PYRA variant, judged by their owners; and whether PYRA is on."""
+    from models.pyra import parse_pyra
+    from models.reduction import REDUCTION_METHODS, check_options
+    errors, pyra_on = [], False
+    if not isinstance(m["options"], Mapping):
+        errors.append(f"merging.options: expected a mapping of the method's keys, got {m['options']!r}")
+    elif m["method"] in REDUCTION_METHODS:
+        try:
+            check_options(m["method"], m["options"])
+        except (ValueError, TypeError) as e:
+            errors.append(str(e))
+    try:
+        pyra_on = parse_pyra(m["pyra"]) is not None
+    except (ValueError, TypeError) as e:
+        errors.append(str(e))
+    return errors, pyra_on
+
+
 def _value_errors(cfg: Mapping) -> list[str]:
     owners = _owners_loadable()
     errors = [f"{k}: expected one of {', '.join(v or repr(v) for v in _allowed(k))}; got {get_dotted(cfg, k)!r}"
@@ -191,13 +216,15 @@ def _value_errors(cfg: Mapping) -> list[str]:
         errors.append(f"sched.warmup_epochs: {warmup} is more than train.epochs ({epochs})")
     model_errors, depth = _model_errors(cfg["model"])
     r = cfg["merging"]["r"]
+    pyra_errors, pyra_on = _merging_errors(cfg["merging"]) if owners else ([], bool(cfg["merging"]["pyra"]))
+    errors += pyra_errors
     if depth is not None and owners:
         from models.vit import resolve_schedule
         try:
             per_layer = resolve_schedule(r, cfg["model"]["name"], depth)
         except (ValueError, TypeError) as e:
             per_layer, errors = None, errors + [f"merging.r: {e}"]
-        if cfg["merging"]["pyra"] and per_layer is not None and not any(per_layer):
+        if pyra_on and per_layer is not None and not any(per_layer):
             errors.append(f"merging.pyra: PYRA needs token merging, but merging.r is {r!r} (no token is merged); "
                           "set merging.r or merging.pyra: false")
     return errors + model_errors

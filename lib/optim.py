@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from timm.scheduler import CosineLRScheduler
 
-from models.peft import param_category
+from models.peft import param_categories
 
 __all__ = ["param_groups", "build_optimizer", "build_scheduler"]
 
@@ -18,17 +18,19 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 
 def param_groups(model: nn.Module, weight_decay: float, pyra_lr: float, pyra_weight_decay: float) -> list[dict]:
     """Trainable parameters in four groups: decay / no-decay at the base lr, and PYRA's decay / no-decay
-    at ``pyra_lr`` (PYRA's weight decay applies to ``weight_r``/``weight_d``, never to its LayerNorm).
+    at ``pyra_lr`` (PYRA's weight decay applies to its weight matrices, never to its LayerNorm or biases).
+    PYRA's parameters are found by module type (``models.peft.param_categories``), whatever the variant.
 
     The official optimiser meant to give PYRA ``pyra_lr`` but selected names containing "ssf", so PYRA
     trained at the base lr there; here the groups are real (README: differences).
     """
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "pyra": [], "pyra_no_decay": []}
+    categories = param_categories(model)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim <= 1 or name.endswith(".bias") or name in _NO_DECAY_NAMES
-        if param_category(name) == "pyra":
+        if categories[name] == "pyra":
             groups["pyra_no_decay" if exempt else "pyra"].append(param)
         else:
             groups["no_decay" if exempt else "decay"].append(param)

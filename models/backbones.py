@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BackboneSpec", "BACKBONES", "SCHEDULES", "MERGING_SETTINGS", "get_backbone", "named_schedule"]
+__all__ = ["BackboneSpec", "BACKBONES", "SCHEDULES", "MERGING_SETTINGS", "MERGING_LABELS", "ABLATION_SETTINGS",
+           "ABLATION_LABELS", "get_backbone", "named_schedule"]
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,43 @@ SCHEDULES: dict[str, dict[str, list[int]]] = {
     },
 }
 
-# The paper's merging settings: name -> (schedule name or None, PYRA on, label). configs/generate.py
-# writes configs/_base_/merging/<name>.yaml from it and scripts/benchmark.py measures these rows.
-MERGING_SETTINGS: dict[str, tuple[str | None, bool, str]] = {
-    "none": (None, False, "no token merging"),
-    "tome_low": ("low", False, "ToMe, low compression"),
-    "tome_high": ("high", False, "ToMe, high compression"),
-    "pyra_low": ("low", True, "PYRA, low compression"),
-    "pyra_high": ("high", True, "PYRA, high compression"),
+# The paper's merging settings as named config overrides (dotted key -> YAML value), with a label each.
+# configs/generate.py writes configs/_base_/merging/<name>.yaml from them and scripts/benchmark.py
+# measures these rows; "none" is the unmerged model.
+MERGING_SETTINGS: dict[str, dict[str, Any]] = {
+    "none": {"merging.r": None, "merging.pyra": False},
+    "tome_low": {"merging.r": "low", "merging.pyra": False},
+    "tome_high": {"merging.r": "high", "merging.pyra": False},
+    "pyra_low": {"merging.r": "low", "merging.pyra": True},
+    "pyra_high": {"merging.r": "high", "merging.pyra": True},
+}
+MERGING_LABELS: dict[str, str] = {
+    "none": "no token merging", "tome_low": "ToMe, low compression", "tome_high": "ToMe, high compression",
+    "pyra_low": "PYRA, low compression", "pyra_high": "PYRA, high compression",
+}
+
+# The rows of the paper's ablation (ViT-B/16 + LoRA 8, high compression): plain ToMe, PYRA's partial forms
+# and two other weight generators (models/pyra.py, formulas in models/README.md). configs/generate.py
+# writes configs/vit_b16/ablation/<name>.yaml from them.
+_HIGH = {"merging.r": "high"}
+ABLATION_SETTINGS: dict[str, dict[str, Any]] = {
+    "tome": {**_HIGH, "merging.pyra": False},
+    "channel_noact": {**_HIGH, "merging.pyra": {"weights": "channel", "activation": "none"}},
+    "channel_sigmoid": {**_HIGH, "merging.pyra": {"weights": "channel", "activation": "sigmoid"}},
+    "token_noact": {**_HIGH, "merging.pyra": {"weights": "token", "activation": "none"}},
+    "token_sigmoid": {**_HIGH, "merging.pyra": {"weights": "token", "activation": "sigmoid"}},
+    "both_noact": {**_HIGH, "merging.pyra": {"weights": "both", "activation": "none"}},
+    "pyra": {**_HIGH, "merging.pyra": True},
+    "static_matrix": {**_HIGH, "merging.pyra": {"generator": "static"}},
+    "gated_mlp": {**_HIGH, "merging.pyra": {"generator": "gated_mlp"}},
+}
+ABLATION_LABELS: dict[str, str] = {
+    "tome": "ToMe + LoRA", "channel_noact": "channel-wise weight only (W_r), no activation",
+    "channel_sigmoid": "channel-wise weight only (W_r), sigmoid",
+    "token_noact": "token-wise weight only (W_D), no activation",
+    "token_sigmoid": "token-wise weight only (W_D), sigmoid", "both_noact": "both weights, no activation",
+    "pyra": "PYRA (both weights, sigmoid)", "static_matrix": "static D x r matrix, sigmoid",
+    "gated_mlp": "gated-MLP weight generator (8 wide), sigmoid",
 }
 
 _MAE = {"global_pool": "avg"}

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
 
+from .pyra import rename_earlier_keys
+
 __all__ = ["CheckpointError", "LoadReport", "OWN_FORMAT", "check_checkpoint_file", "read_checkpoint", "load_checkpoint",
            "trainable_state_dict", "unwrap_model"]
 
@@ -28,10 +30,7 @@ _OFFICIAL_RENAMES = [
     (re.compile(r"\.attn\.LoRA_b\."), ".attn.qkv.lora_up."),
     (re.compile(r"\.adapter\.ln1\."), ".adapter.down."),
     (re.compile(r"\.adapter\.ln2\."), ".adapter.up."),
-    (re.compile(r"\.pyra_a$"), ".pyra.weight_r"),
-    (re.compile(r"\.pyra_b$"), ".pyra.weight_d"),
-    (re.compile(r"\.pyra_norm\."), ".pyra.norm."),
-]
+]   # PYRA's own parameters: models.pyra.rename_earlier_keys
 _OFFICIAL_MARKERS = ("LoRA_a", "LoRA_b", "pyra_a", "pyra_b", "pyra_norm", "adapter.ln1")
 _HEAD_PREFIXES = ("head.", "head_dist.")
 
@@ -207,6 +206,7 @@ def load_checkpoint(model: nn.Module, path: str, kind: str = "auto") -> LoadRepo
     official = any(marker in k for k in sd for marker in _OFFICIAL_MARKERS)
     if official:
         sd = _rename_official(sd)
+    sd = rename_earlier_keys(sd)
     finetuned = own or official if kind == "auto" else kind == "finetuned"
     report = LoadReport(path, "pyra" if own else "official-pyra" if official else
                         "finetuned" if finetuned else "pretrained")

@@ -14,17 +14,24 @@ from timm.layers import trunc_normal_
 
 __all__ = [
     "LoRALinear", "Adapter", "QuickGELU", "PEFT_TYPES", "PEFT_INITS", "PARAM_CATEGORIES",
-    "add_lora", "add_adapters", "init_peft", "fold_lora", "param_category", "mark_trainable", "param_report",
+    "add_lora", "add_adapters", "init_peft", "fold_lora", "param_categories", "mark_trainable", "param_report",
+    "LoRAProjection",
 ]
 
 PEFT_TYPES = ("lora", "adapter", "prompt", "none", "full")
-PARAM_CATEGORIES = ("backbone", "lora", "adapter", "prompt", "pyra", "head")
+PARAM_CATEGORIES = ("backbone", "lora", "adapter", "prompt", "pyra", "reduction", "head")
 
 class QuickGELU(nn.Module):
     """CLIP's GELU approximation ``x·σ(1.702x)``, used by the NOAH adapter."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
+
+
+class LoRAProjection(nn.Linear):
+    """One of LoRA's two low-rank projections (a plain ``nn.Linear``); its class marks it as trainable."""
+
+    param_category = "lora"
 
 
 class LoRALinear(nn.Linear):
@@ -38,8 +45,8 @@ class LoRALinear(nn.Linear):
                  dropout: float = 0.1, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout)
-        self.lora_down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_up = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        self.lora_down = LoRAProjection(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_up = LoRAProjection(rank, out_features, bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.lora_up.weight)
 
     @classmethod
@@ -74,6 +81,8 @@ class LoRALinear(nn.Linear):
 class Adapter(nn.Module):
     """Bottleneck adapter on the MLP output, inside the residual: ``h + up(dropout(QuickGELU(down(h))))``."""
 
+    param_category = "adapter"
+
     def __init__(self, dim: int, hidden: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.down = nn.Linear(dim, hidden)
@@ -95,7 +104,7 @@ def add_lora(model: nn.Module, rank: int, dropout: float = 0.1) -> None:
 
 
 def add_adapters(model: nn.Module, hidden: int, dropout: float = 0.1) -> None:
-    """Give every block an Adapter after its MLP (blocks call ``self.adapter``, identity by default)."""
+    """Put an Adapter in every block's ``adapter`` slot (after its MLP; ``nn.Identity`` by default)."""
     for block in model.blocks:
         w = block.norm2.weight
         block.adapter = Adapter(w.shape[0], hidden, dropout).to(device=w.device, dtype=w.dtype)
@@ -141,34 +150,44 @@ def fold_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def param_category(name: str) -> str:
-    """Which part of the model a parameter belongs to, from its name."""
-    if ".lora_" in name:
-        return "lora"
-    if ".adapter." in name:
-        return "adapter"
-    if name.startswith("prompt."):
-        return "prompt"
-    if ".pyra." in name:
-        return "pyra"
-    if name.startswith(("head.", "head_dist.")):
-        return "head"
-    return "backbone"
+def param_categories(model: nn.Module) -> dict[str, str]:
+    """Which part of the model each parameter belongs to, by module type: ``{name: category}``.
+
+    A module class declares its category with a ``param_category`` attribute (LoRA's projections,
+    Adapter, visual prompts, PYRA's re-activations, a reduction method's own parameters); the deepest
+    declaring module wins. The classifier head(s) are the model's ``head`` / ``head_dist``; every
+    other parameter is the backbone's. Names play no part: a module named freely is never frozen
+    silently because of its name.
+    """
+    categories = {name: "backbone" for name, _ in model.named_parameters()}
+    heads = {id(getattr(model, h)) for h in ("head", "head_dist") if isinstance(getattr(model, h, None), nn.Module)}
+    for prefix, module in model.named_modules():   # parents before children: the deepest declaration wins
+        category = "head" if id(module) in heads else getattr(type(module), "param_category", None)
+        if category is None:
+            continue
+        if category not in PARAM_CATEGORIES:
+            raise ValueError(f"{type(module).__name__}.param_category is {category!r}; expected one of "
+                             f"{PARAM_CATEGORIES}")
+        for name, _ in module.named_parameters(prefix=prefix):
+            categories[name] = category
+    return categories
 
 
 def mark_trainable(model: nn.Module, peft: str) -> None:
     """Freeze the backbone (unless ``full``); PEFT modules (or prompts), head(s) and PYRA train."""
     if peft not in PEFT_TYPES:
         raise ValueError(f"unknown PEFT type {peft!r}; expected one of {PEFT_TYPES}")
+    categories = param_categories(model)
     for name, param in model.named_parameters():
-        param.requires_grad_(peft == "full" or param_category(name) != "backbone")
+        param.requires_grad_(peft == "full" or categories[name] != "backbone")
 
 
 def param_report(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Parameter counts by category as ``{category: (total, trainable)}``, plus a ``total`` row."""
     report = {c: [0, 0] for c in PARAM_CATEGORIES}
+    categories = param_categories(model)
     for name, param in model.named_parameters():
-        row = report[param_category(name)]
+        row = report[categories[name]]
         row[0] += param.numel()
         row[1] += param.numel() if param.requires_grad else 0
     report["total"] = [sum(r[0] for r in report.values()), sum(r[1] for r in report.values())]

@@ -33,6 +33,8 @@ class VisualPrompts(nn.Module):
     3·p² and the width D). Dropout (VPT's prompt dropout) acts on the prompts, per sample.
     """
 
+    param_category = "prompt"
+
     def __init__(self, num_tokens: int, dim: int, layers: int, offset: int, patch_size: int | tuple[int, int],
                  dropout: float = 0.1) -> None:
         super().__init__()

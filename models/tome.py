@@ -3,16 +3,21 @@
 ``bipartite_soft_matching`` decides *which* tokens merge and returns closures that apply that decision
 to any tensor laid out like the tokens (features, sizes, source maps). PYRA hooks into ``merge``
 through its ``pyra`` argument: the re-activation sees the size-weighted source tokens and the
-destinations they are about to be summed into (formulas in models/README.md).
+destinations they are about to be summed into (formulas in models/README.md). :class:`ToMe` is the
+method the merging blocks run by default (``merging.method: tome``), built on these functions.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn as nn
 
-__all__ = ["bipartite_soft_matching", "merge_wavg", "merge_source", "parse_r", "do_nothing"]
+from .reduction import Tokens, TokenReduction
+
+__all__ = ["ToMe", "bipartite_soft_matching", "merge_wavg", "merge_source", "parse_r", "do_nothing", "max_merge"]
 
 MergeFn = Callable[..., torch.Tensor]
 ReactivateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -21,6 +26,20 @@ ReactivateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def do_nothing(x: torch.Tensor, mode: str | None = None, pyra: ReactivateFn | None = None) -> torch.Tensor:
     """The merge of a layer that removes no token (r clamped to 0)."""
     return x
+
+
+def _fp32_scores(metric: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for the matching scores: in bf16/fp16 near-equal similarities tie, and the argsort
+    would break the ties arbitrarily. The merge itself runs in the autocast dtype, as before."""
+    device = metric.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
+def max_merge(num_tokens: int, protected: int) -> int:
+    """ToMe's clamp: at most half of the unprotected tokens can merge (each source needs its own partner set)."""
+    return max(0, (num_tokens - protected) // 2)
 
 
 def bipartite_soft_matching(
@@ -48,12 +67,13 @@ def bipartite_soft_matching(
         protected = tome_protected
     elif protected < tome_protected:
         raise ValueError(f"protected={protected} leaves the class/distillation token unprotected")
-    r = min(r, (metric.shape[1] - protected) // 2)
+    r = min(r, max_merge(metric.shape[1], protected))
     if r <= 0:
         return do_nothing, do_nothing
     protected_a, protected_b = (protected + 1) // 2, protected // 2  # at even / odd positions
 
-    with torch.no_grad():
+    with torch.no_grad(), _fp32_scores(metric):
+        metric = metric.float()
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         scores = a @ b.transpose(-1, -2)
@@ -160,11 +180,30 @@ def parse_r(num_layers: int, r: Schedule) -> list[int]:
     return [int(min_val + step * i) for i in range(num_layers)]
 
 
-def clamp_schedule(schedule: Sequence[int], num_tokens: int, protected: int) -> list[int]:
-    """The ``r`` each layer really removes from ``num_tokens`` inputs: the matching's own clamp, layer by layer."""
-    effective = []
-    for r in schedule:
-        r = max(0, min(r, (num_tokens - protected) // 2))
-        effective.append(r)
-        num_tokens -= r
-    return effective
+class ToMe(TokenReduction):
+    """ToMe's layer step: bipartite soft matching on the mean keys, then the size-weighted average merge.
+
+    ``pyra`` (a re-activation module of ``models.pyra``, or None) modulates the source tokens just
+    before they are summed into their destinations. ``r`` is clamped to half the unprotected tokens
+    (:func:`max_merge`); the protected leading tokens take no part in the matching.
+    """
+
+    needs = frozenset({"metric"})
+
+    def __init__(self, r: int, protected: int = 1, dim: int = 0, layer: int | None = None,
+                 options: object = None, pyra: nn.Module | None = None) -> None:
+        super().__init__(r, protected, dim, layer, options)
+        self.register_module("pyra", pyra)
+
+    def max_reduction(self, num_tokens: int) -> int:
+        return max_merge(num_tokens, self.protected)
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None, source: torch.Tensor | None, *,
+                trace_source: bool = False, metric: torch.Tensor | None = None) -> Tokens:
+        if self.r <= 0:
+            return x, size, source
+        merge, _ = bipartite_soft_matching(metric, self.r, protected=self.protected)
+        if trace_source:
+            source = merge_source(merge, x, source)
+        x, size = merge_wavg(merge, x, size, pyra=self.pyra)
+        return x, size, source

@@ -1,25 +1,25 @@
 """timm Vision Transformers with ToMe merging, patched in place (class swap, as ToMe does), and the model builder.
 
 ``apply_patch`` changes only what merging needs: attention takes the token sizes (proportional
-attention) and returns the mean key as the matching metric, and blocks merge ``r`` tokens between
-attention and MLP, carrying ``(x, size, source)`` explicitly. timm's ``forward_features``,
+attention) and hands the reduction method what it needs (the mean key as the matching metric, ...),
+and blocks reduce their tokens between attention and MLP through a declared ``reduction`` module
+(``models.reduction``; ToMe by default), carrying ``(x, size, source)`` explicitly. timm's ``forward_features``,
 ``forward_head``, ``forward_intermediates``, ``get_intermediate_layers``, ``reset_classifier`` and
 ``set_grad_checkpointing`` keep working on the patched model (on merged tokens). PEFT
-(``models.peft``), visual prompts (``models.prompt``) and PYRA (``add_pyra``) are added by their own
-functions; ``create_model`` composes them. The class token, a distillation token and the prompts are
+(``models.peft``), visual prompts (``models.prompt``), the reduction method (``set_reduction``) and
+PYRA (``add_pyra``) are set by their own functions; ``create_model`` composes them. The class token, a distillation token and the prompts are
 *protected*: they lead the sequence, never merge and keep their positions.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import timm
 import torch
 import torch.nn as nn
 from timm.layers import Attention
-from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
@@ -27,11 +27,12 @@ from torch.utils.checkpoint import checkpoint
 from .backbones import get_backbone, named_schedule
 from .peft import PEFT_TYPES, add_adapters, add_lora, init_peft, mark_trainable
 from .prompt import DEFAULT_PROMPT_LENGTH, PROMPT_MODES, add_prompts
-from .pyra import PYRA
-from .tome import Schedule, bipartite_soft_matching, clamp_schedule, merge_source, merge_wavg, parse_r
+from .pyra import PYRAVariant, Reactivation, build_pyra, parse_pyra
+from .reduction import DEFAULT_METHOD, TokenReduction, build_reduction, check_options, clamp_schedule
+from .tome import Schedule, ToMe, parse_r
 
-__all__ = ["MergingAttention", "MergingBlock", "TokenMergingMixin", "apply_patch", "add_pyra", "create_model",
-           "resolve_schedule", "Merging", "GLOBAL_POOLS"]
+__all__ = ["MergingAttention", "MergingBlock", "TokenMergingMixin", "apply_patch", "add_pyra", "set_reduction",
+           "create_model", "resolve_schedule", "Merging", "GLOBAL_POOLS", "any_pyra"]
 
 Merging = None | str | Schedule
 # Poolings a merging ViT supports (``forward_head``): "" keeps the backbone's own (timm's default for the
@@ -41,7 +42,11 @@ GLOBAL_POOLS = ("", "token", "avg")
 
 
 class MergingAttention(Attention):
-    """timm attention that adds ``log(size)`` to the logits of each key and also returns the mean key.
+    """timm attention that adds ``log(size)`` to the logits of each key and hands over what a reduction needs.
+
+    ``outputs`` names what to return beside the attention output (``models.reduction.ATTENTION_OUTPUTS``):
+    ``"metric"``, the keys averaged over heads (B×N×d, ToMe's matching metric), and ``"cls_attn"``, the
+    class token's attention over the keys averaged over heads (B×N, computed apart from the fused kernel).
 
     Proportional attention, ``softmax(q·kᵀ·scale + log(size_k)) v``, runs in one of two forms
     (``size_bias``; the class default is the form measured faster, see ``SIZE_BIAS_BY_DEVICE``):
@@ -58,8 +63,8 @@ class MergingAttention(Attention):
     size_bias: str | None = None   # "mask" | "feature"; None: SIZE_BIAS_BY_DEVICE[device type]
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None,
-                metric: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention output and, if ``metric``, the keys averaged over heads (B×N×d) for the matching."""
+                outputs: frozenset[str] = frozenset()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Attention output and the requested ``outputs`` (a dict, empty when none is asked for)."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -77,7 +82,15 @@ class MergingAttention(Attention):
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.proj_drop(self.proj(self.norm(x)))
-        return x, k.mean(1) if metric else None
+        extra = {}
+        if "metric" in outputs:
+            extra["metric"] = k.mean(1)
+        if "cls_attn" in outputs:
+            logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)            # B×H×1×N
+            if size is not None:
+                logits = logits + size.log().to(q.dtype).view(B, 1, 1, N)
+            extra["cls_attn"] = logits.softmax(dim=-1).mean(1)[:, 0]          # B×N
+        return x, extra
 
 
 # The proportional-attention form each device runs by default, chosen by a same-run measurement
@@ -129,32 +142,58 @@ def set_size_bias(model: nn.Module, form: str | None) -> nn.Module:
 
 
 class MergingBlock(Block):
-    """Pre-norm block: attention → merge ``r`` tokens (re-activated by ``pyra`` if set) → MLP (→ ``adapter``).
+    """Pre-norm block: attention → ``reduction`` (merge ``r`` tokens; ToMe by default) → MLP → ``adapter``.
 
     The merge state travels explicitly: ``block(x, size, source)`` returns the new ``(x, size,
     source)``, so hooks, gradient checkpointing, ``torch.compile`` and ``torch.export`` see a pure
-    function. ``pyra`` and ``adapter`` are optional submodules that ``add_pyra`` /
-    ``models.peft.add_adapters`` attach; the adapter sits after drop-path, inside the residual (NOAH).
+    function. ``reduction`` (a ``models.reduction.TokenReduction``) and ``adapter`` (``nn.Identity`` unless
+    PEFT puts an Adapter there) are declared submodules; the adapter sits after drop-path, inside the
+    residual (NOAH). Usable as timm's ``block_fn`` (attention becomes ``MergingAttention``) or by
+    ``apply_patch`` on a built model.
     """
 
-    r: int = 0
     prop_attn: bool = True
     trace_source: bool = False
-    protected: int = 1   # leading tokens that never merge: class (+ distillation) token (+ prompts)
+
+    def __init__(self, dim: int, num_heads: int, *args: Any, attn_layer: Any = None, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, *args, attn_layer=attn_layer or MergingAttention, **kwargs)
+        self.declare_slots()
+
+    def declare_slots(self, protected: int = 1) -> None:
+        """The per-block modules a merging block always has: the reduction method (ToMe, r = 0) and the adapter."""
+        if not isinstance(getattr(self, "adapter", None), nn.Module):
+            self.adapter = nn.Identity()
+        if not isinstance(getattr(self, "reduction", None), TokenReduction):
+            self.reduction = ToMe(0, protected=protected, dim=self.norm1.weight.shape[0])
+
+    @property
+    def r(self) -> int:
+        """Tokens this block's schedule asks its reduction method to remove."""
+        return self.reduction.r
+
+    @r.setter
+    def r(self, value: int) -> None:
+        self.reduction.r = int(value)
+
+    @property
+    def protected(self) -> int:
+        """Leading tokens that are never reduced: class (+ distillation) token (+ prompts)."""
+        return self.reduction.protected
+
+    @protected.setter
+    def protected(self, value: int) -> None:
+        self.reduction.protected = int(value)
 
     def forward(
             self, x: torch.Tensor, size: torch.Tensor | None = None, source: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        x_attn, metric = self.attn(self.norm1(x), size if self.prop_attn else None, metric=self.r > 0)
+        reduction = self.reduction
+        needs = reduction.needs if reduction.active else frozenset()
+        x_attn, extra = self.attn(self.norm1(x), size if self.prop_attn else None, outputs=needs)
         x = x + self.drop_path1(self.ls1(x_attn))
-        if self.r > 0:
-            merge, _ = bipartite_soft_matching(metric, self.r, protected=self.protected)
-            if self.trace_source:
-                source = merge_source(merge, x, source)
-            x, size = merge_wavg(merge, x, size, pyra=getattr(self, "pyra", None))
-        h = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        adapter = getattr(self, "adapter", None)
-        return x + (h if adapter is None else adapter(h)), size, source
+        if reduction.active:
+            x, size, source = reduction(x, size, source, trace_source=self.trace_source, **extra)
+        return x + self.adapter(self.drop_path2(self.ls2(self.mlp(self.norm2(x))))), size, source
 
 
 class TokenMergingMixin:
@@ -172,7 +211,7 @@ class TokenMergingMixin:
         schedule = parse_r(len(self.blocks), value)
         has_pyra = any_pyra(self)
         for i, (block, r) in enumerate(zip(self.blocks, schedule)):
-            if has_pyra and r > 0 and getattr(block, "pyra", None) is None:
+            if has_pyra and r > 0 and _pyra_of(block) is None:
                 raise ValueError(f"layer {i} would merge {r} tokens but has no PYRA module; "
                                  f"rebuild the model with this merging schedule")
         for block, r in zip(self.blocks, schedule):
@@ -287,7 +326,7 @@ class TokenMergingMixin:
         _no_mask(attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        take_indices, max_index = _take_indices(len(self.blocks), indices)
         if output_fmt == "NCHW" and any(self.r[:max_index + 1]):
             raise ValueError("merged tokens no longer form a spatial grid: use output_fmt='NLC' (or "
                              "get_intermediate_layers(..., reshape=False)), or set model.r = 0")
@@ -322,9 +361,29 @@ def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
         raise ValueError("a token-merging ViT takes no attention mask: merging changes the sequence")
 
 
+def _take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's convention for ``forward_intermediates``: None = every block, n = the last n, a list = those
+    (negative from the end). Returns the indices and the largest one."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices={indices}: expected 1 to {num_blocks} blocks")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = [num_blocks + i if i < 0 else i for i in indices]
+        if not take or any(not 0 <= i < num_blocks for i in take):
+            raise ValueError(f"indices={list(indices)}: expected block indices in [-{num_blocks}, {num_blocks})")
+    return take, max(take)
+
+
+def _pyra_of(block: nn.Module) -> Reactivation | None:
+    return next((m for m in block.reduction.modules() if isinstance(m, Reactivation)), None)
+
+
 def any_pyra(model: nn.Module) -> bool:
-    """Whether any block of ``model`` has a PYRA module."""
-    return any(getattr(block, "pyra", None) is not None for block in model.blocks)
+    """Whether any block of ``model`` has a PYRA re-activation (of any variant)."""
+    return any(isinstance(m, Reactivation) for m in model.modules())
 
 
 _PATCHED_CLASSES: dict = {}
@@ -355,6 +414,7 @@ def apply_patch(model: VisionTransformer, trace_source: bool = False, prop_attn:
     for block in model.blocks:
         block.__class__ = MergingBlock
         block.attn.__class__ = MergingAttention
+        block.declare_slots(protected)
         block.r = 0
         block.protected = protected
     model.prop_attn = prop_attn
@@ -372,20 +432,45 @@ def resolve_schedule(merging: Merging, backbone: str, depth: int) -> list[int]:
 
 
 def effective_schedule(model: VisionTransformer, schedule: Sequence[int]) -> list[int]:
-    """``schedule`` as the matching will really apply it to this model's token count (clamped per layer).
+    """``schedule`` as the blocks' reduction methods will really apply it to this model's token count.
 
-    Only unprotected tokens count: prompts add tokens to every layer but never room to merge.
+    Each method clamps its own layer (``TokenReduction.max_reduction``); only unprotected tokens count:
+    prompts add tokens to every layer but never room to merge.
     """
-    return clamp_schedule(schedule, model._num_input_tokens(), model.blocks[0].protected)
+    saved = model.r
+    model.r = list(schedule)
+    try:
+        return clamp_schedule([block.reduction for block in model.blocks], model._num_input_tokens())
+    finally:
+        model.r = saved
 
 
-def add_pyra(model: VisionTransformer) -> None:
-    """Give every merging layer a PYRA module with one row of ``weight_r`` per merged token."""
+def set_reduction(model: VisionTransformer, method: str = DEFAULT_METHOD, options: Any = None) -> None:
+    """Give every block a fresh reduction module of ``method`` (its current ``r`` and protected tokens kept).
+
+    ``options``: the method's own keys (a mapping, checked against the method's ``Options``).
+    """
+    options = check_options(method, options) if options is None or isinstance(options, Mapping) else options
+    device = model.blocks[0].norm1.weight.device
+    for i, block in enumerate(model.blocks):
+        block.reduction = build_reduction(method, block.r, block.protected, model.embed_dim, layer=i,
+                                          options=options).to(device)
+
+
+def add_pyra(model: VisionTransformer, variant: PYRAVariant | bool | Mapping = True) -> None:
+    """Give every merging layer a PYRA re-activation of ``variant`` (True: the paper's), sized for its ``r``."""
+    variant = parse_pyra(variant)
+    if variant is None:
+        return
     if not any(model.r):
         raise ValueError("PYRA re-activates merged tokens: it needs a merging schedule (merging is None or 0)")
     for i, block in enumerate(model.blocks):
-        if block.r > 0:
-            block.pyra = PYRA(block.r, model.embed_dim, layer=i).to(block.norm1.weight.device)
+        if block.r <= 0:
+            continue
+        if "pyra" not in block.reduction._modules:
+            raise ValueError(f"merging.pyra: method {type(block.reduction).__name__} does not merge through a "
+                             f"re-activation; PYRA composes with token merging (merging.method: tome)")
+        block.reduction.pyra = build_pyra(variant, block.r, model.embed_dim, layer=i).to(block.norm1.weight.device)
 
 
 def _build_backbone(name: str, common: dict[str, Any], embed_dim: int | None, depth: int | None,
@@ -411,7 +496,9 @@ def create_model(
         peft_init: str = "official",
         prompt_mode: str = "shallow",
         merging: Merging = None,
-        pyra: bool = False,
+        method: str = DEFAULT_METHOD,
+        method_options: Mapping[str, Any] | None = None,
+        pyra: bool | Mapping[str, str] | PYRAVariant = False,
         prop_attn: bool = True,
         trace_source: bool = False,
         drop_path_rate: float = 0.1,
@@ -424,8 +511,10 @@ def create_model(
 ) -> VisionTransformer:
     """Build a backbone of the table in ``models.backbones`` (or a custom ``"vit"``), ready to adapt.
 
-    Steps: timm backbone → ``apply_patch`` → PEFT → PEFT init → per-layer schedule (clamped to the
-    token count, with a warning) → PYRA → freeze. Weights are random: load a pretrained checkpoint
+    Steps: timm backbone → ``apply_patch`` → PEFT → PEFT init → reduction ``method`` (``"tome"``; its own
+    keys in ``method_options``) → per-layer schedule (clamped by the method to the token count, with a
+    warning) → PYRA (``pyra``: True for the paper's, or a variant mapping, ``models.pyra.PYRAVariant``) →
+    freeze. Weights are random: load a pretrained checkpoint
     with ``models.load_checkpoint``. Only the PEFT modules (or prompts), the head(s) and PYRA are
     trainable (everything for ``peft="full"``). Extra ``kwargs`` go to timm (e.g. ``global_pool``).
     ``peft="prompt"``: ``peft_dim`` prompt tokens (default 10), ``prompt_mode`` ``"shallow"`` or
@@ -457,6 +546,8 @@ def create_model(
     elif peft == "prompt":
         add_prompts(model, dim, prompt_mode, peft_dropout)
     init_peft(model, peft_init)
+    variant = parse_pyra(pyra)
+    set_reduction(model, method, method_options)
 
     requested = resolve_schedule(merging, name, len(model.blocks))
     schedule = effective_schedule(model, requested)
@@ -465,7 +556,6 @@ def create_model(
                       f"{model._num_input_tokens()} inputs ({model.blocks[0].protected} protected) hold; "
                       f"per layer it becomes {schedule}", stacklevel=2)
     model.r = schedule
-    if pyra:
-        add_pyra(model)
+    add_pyra(model, variant)
     mark_trainable(model, peft)
     return model

@@ -151,8 +151,7 @@ class Variant:
 
 def setting_overrides(setting: str) -> list[str]:
     """The config overrides of one row of ``models.backbones.MERGING_SETTINGS``."""
-    schedule, pyra, _ = MERGING_SETTINGS[setting]
-    return [f"merging.r={'null' if schedule is None else schedule}", f"merging.pyra={'true' if pyra else 'false'}"]
+    return [f"{key}={json.dumps(value)}" for key, value in MERGING_SETTINGS[setting].items()]
 
 
 def load_setting_config(args: argparse.Namespace, setting: str) -> Any:
@@ -189,7 +188,7 @@ def _variants(args: argparse.Namespace, settings: Sequence[str], has_lora: bool)
     folds = {"no": [False], "yes": [True], "both": [False, True]}[args.fold] if has_lora else [False]
     modes = {"off": (False, False), "on": (True, False), "frozen": (True, True)}
     compiles = [modes[c] for c in args.compile]
-    out = [Variant(s, folded, compiled, None if MERGING_SETTINGS[s][0] is None else attention, frozen)
+    out = [Variant(s, folded, compiled, None if MERGING_SETTINGS[s]["merging.r"] is None else attention, frozen)
            for s in settings for attention in args.attention for folded in folds for compiled, frozen in compiles]
     out = list(dict.fromkeys(out))   # "none" has one attention form
     reference = Variant(REFERENCE)

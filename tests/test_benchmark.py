@@ -260,10 +260,11 @@ def test_main_tiny_emits_every_field_with_its_type(tmp_path):
 def test_models_come_from_the_one_build_path_and_the_one_settings_table(monkeypatch):
     script = _load_script()
     assert not hasattr(script, "SETTINGS")
-    for setting, (schedule, pyra, _) in MERGING_SETTINGS.items():
+    for setting, overrides in MERGING_SETTINGS.items():
         args = script.parse_args([*TINY, "merging.prop_attn=false"])
         cfg = script.load_setting_config(args, setting)
-        assert cfg.merging.r == schedule and cfg.merging.pyra == pyra and cfg.merging.prop_attn is False
+        assert cfg.merging.r == overrides["merging.r"] and cfg.merging.pyra == overrides["merging.pyra"]
+        assert cfg.merging.prop_attn is False
         assert cfg.model.name == "vit" and cfg.model.img_size == 64
     calls = []
 

@@ -15,7 +15,7 @@ import torch
 
 from data.make_glyphs import GLYPHS, make_batch, normalize
 from lib.config import load_config
-from models import create_model, load_checkpoint, param_category, read_checkpoint
+from models import create_model, load_checkpoint, param_categories, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo" / "digits.yaml"
@@ -69,8 +69,9 @@ def test_shipped_backbone_loads_with_a_clean_report_and_scores_its_recorded_sour
     report = load_checkpoint(model, str(SHIPPED), kind="pretrained")
     assert report.kind == "pretrained" and report.dropped == ["head.bias", "head.weight"]
     assert not report.unexpected
-    assert report.missing and {param_category(k) for k in report.missing} == {"lora", "pyra", "head"}
-    backbone = [k for k, _ in model.named_parameters() if param_category(k) == "backbone"]
+    categories = param_categories(model)
+    assert report.missing and {categories[k] for k in report.missing} == {"lora", "pyra", "head"}
+    backbone = [k for k, _ in model.named_parameters() if categories[k] == "backbone"]
     assert report.loaded == len(backbone)
 
     # With its head: the recorded top-1 on the fixed generated evaluation batch.
@@ -115,7 +116,7 @@ def test_pretrain_script_runs_a_tiny_setting_and_reproduces_its_bytes(tmp_path):
                          patch_size=4, global_pool="avg")
     report = load_checkpoint(model, str(tmp_path / "a.pth"))
     assert report.kind == "pretrained" and not report.unexpected
-    assert {param_category(k) for k in report.missing} == {"lora", "head"}
+    assert {param_categories(model)[k] for k in report.missing} == {"lora", "head"}
 
 
 def test_demo_compare_runs_end_to_end_with_one_epoch_each(tmp_path):

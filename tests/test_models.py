@@ -31,7 +31,7 @@ def tiny(**kwargs):
 
 
 def randomize_trainable(model, seed=1):
-    """Make PEFT and PYRA non-trivial (PYRA's weight_d starts at 0, i.e. the identity)."""
+    """Make PEFT and PYRA non-trivial (PYRA's token-wise generator starts at 0, i.e. the identity)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -168,13 +168,13 @@ def test_pyra_matches_independent_formula():
     torch.manual_seed(0)
     pyra = PYRA(5, 16)
     with torch.no_grad():
-        pyra.weight_d.normal_()
+        pyra.to_token_weight.normal_()
         pyra.norm.weight.normal_()
         pyra.norm.bias.normal_()
     src, dst = torch.randn(2, 3, 16), torch.randn(2, 3, 16)   # r = 3 < 5 rows: clamped merge
     out = pyra(src, dst)
     ref = torch.empty_like(src)
-    wr, wd = pyra.weight_r.detach()[:3, 0], pyra.weight_d.detach()[0]
+    wr, wd = pyra.to_channel_weight.detach()[:3, 0], pyra.to_token_weight.detach()[0]
     for b in range(2):
         m = torch.nn.functional.layer_norm(src[b] + dst[b], (16,), pyra.norm.weight, pyra.norm.bias, 1e-5)
         delta_d = sum(wr[i] * m[i] for i in range(3))                           # D
@@ -182,8 +182,8 @@ def test_pyra_matches_independent_formula():
             delta_r = (m[i] * wd).sum()                                          # scalar
             ref[b, i] = src[b, i] + src[b, i] * 2 * torch.sigmoid(delta_d) * (2 * torch.sigmoid(delta_r) - 1)
     assert torch.allclose(out, ref, atol=1e-6)
-    assert pyra.weight_r.shape == (5, 1) and pyra.weight_d.shape == (1, 16)
-    assert torch.all(PYRA(400, 4).weight_r.abs() <= 1)                          # uniform(-1, 1)
+    assert pyra.to_channel_weight.shape == (5, 1) and pyra.to_token_weight.shape == (1, 16)
+    assert torch.all(PYRA(400, 4).to_channel_weight.abs() <= 1)                          # uniform(-1, 1)
     with pytest.raises(ValueError, match="layer 7"):
         PYRA(2, 16, layer=7)(src, dst)
 
@@ -233,7 +233,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(peft):
     randomize_trainable(model)
     loss = model(torch.randn(4, 3, 32, 32)).logsumexp(-1).sum()
     loss.backward()
-    last = f"blocks.{len(model.blocks) - 1}.pyra."
+    last = f"blocks.{len(model.blocks) - 1}.reduction.pyra."
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, name
@@ -382,7 +382,8 @@ def test_load_official_pyra_checkpoint_gives_same_logits(tmp_path):
     trained = tiny(peft="lora", merging=[8, 6, 4, 2], pyra=True)
     randomize_trainable(trained)
     renames = [(".attn.qkv.lora_down.", ".attn.LoRA_a."), (".attn.qkv.lora_up.", ".attn.LoRA_b."),
-               (".pyra.weight_r", ".pyra_a"), (".pyra.weight_d", ".pyra_b"), (".pyra.norm.", ".pyra_norm.")]
+               (".reduction.pyra.to_channel_weight", ".pyra_a"), (".reduction.pyra.to_token_weight", ".pyra_b"),
+               (".reduction.pyra.norm.", ".pyra_norm.")]
     official = {}
     for k, v in trained.state_dict().items():
         for a, b in renames:

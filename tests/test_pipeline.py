@@ -157,13 +157,13 @@ def test_pyra_parameters_get_their_own_group(digits_root):
     model = create_model("vit", num_classes=10, embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=16,
                          merging=[4, 2], pyra=True)
     groups = {g["name"]: g for g in build_optimizer(model, cfg.optim).param_groups}
-    pyra_ids = {id(p) for n, p in model.named_parameters() if ".pyra." in n}
+    pyra_ids = {id(p) for n, p in model.named_parameters() if ".reduction.pyra." in n}
     assert {id(p) for p in groups["pyra"]["params"] + groups["pyra_no_decay"]["params"]} == pyra_ids
-    assert {id(p) for p in groups["pyra"]["params"]} == {id(b.pyra.weight_r) for b in model.blocks} | {
-        id(b.pyra.weight_d) for b in model.blocks}
+    assert {id(p) for p in groups["pyra"]["params"]} == {id(b.reduction.pyra.to_channel_weight) for b in model.blocks} | {
+        id(b.reduction.pyra.to_token_weight) for b in model.blocks}
     assert groups["pyra"]["lr"] == groups["pyra_no_decay"]["lr"] == 3e-4
     assert groups["pyra"]["weight_decay"] == 0.5 and groups["pyra_no_decay"]["weight_decay"] == 0
     assert groups["decay"]["lr"] == cfg.optim.lr and groups["no_decay"]["weight_decay"] == 0
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
     assert all(id(p) in no_decay for n, p in model.named_parameters()
-               if p.requires_grad and n.endswith("bias") and ".pyra." not in n)
+               if p.requires_grad and n.endswith("bias") and ".reduction.pyra." not in n)

@@ -56,7 +56,8 @@ def close(value, expected, rel):
 @pytest.mark.parametrize("setting", ["plain", "pyra_high"])
 def test_plain_fvcore_sees_every_linear(setting):
     model = vit_b(setting)
-    assert {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)} == {"Linear", "LoRALinear"}
+    assert {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)} == {
+        "Linear", "LoRALinear", "LoRAProjection"}
     linear = fvcore_analysis(model).by_operator()["linear"]
     assert close(linear, OFFICIAL_LINEAR[setting], 0.005), linear
 
@@ -229,7 +230,8 @@ def test_official_training_checkpoint_with_argparse_namespace_loads(tmp_path):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     args = argparse.Namespace(data_set="cifar100", epochs=100, lr=1e-3, seed=0, output_dir="outputs/x")
     renames = [(".attn.qkv.lora_down.", ".attn.LoRA_a."), (".attn.qkv.lora_up.", ".attn.LoRA_b."),
-               (".pyra.weight_r", ".pyra_a"), (".pyra.weight_d", ".pyra_b"), (".pyra.norm.", ".pyra_norm.")]
+               (".reduction.pyra.to_channel_weight", ".pyra_a"), (".reduction.pyra.to_token_weight", ".pyra_b"),
+               (".reduction.pyra.norm.", ".pyra_norm.")]
     official = {}
     for k, v in model.state_dict().items():   # the official module names
         for a, b in renames:
@@ -293,4 +295,4 @@ def test_clamped_schedule_is_resolved_at_build_with_a_warning():
         model = create_model("vit", num_classes=4, embed_dim=32, depth=12, num_heads=2, patch_size=16,
                              img_size=64, merging="high", pyra=True)
     assert model.r == [8, 4, 2, 1] + [0] * 8
-    assert [getattr(b, "pyra", None) is not None for b in model.blocks] == [True] * 4 + [False] * 8
+    assert [b.reduction.pyra is not None for b in model.blocks] == [True] * 4 + [False] * 8

@@ -1,0 +1,146 @@
+"""Token reduction as a family: the seam between a merging block and the method that reduces its tokens.
+
+A block asks its ``reduction`` module what to do with the layer's tokens and gets back the new tokens,
+their sizes and the source map. A method is one module under ``models/`` with a :class:`TokenReduction`
+subclass, plus one entry in :data:`REDUCTION_METHODS` (``"name": "module:Class"``, imported when first
+used) or a :func:`register_reduction` call (a plugin, a test). The block knows no method:
+
+- ``needs`` says what the attention must hand over besides the tokens (``"metric"``: the keys
+  averaged over heads; ``"cls_attn"``: the class token's attention over the keys, averaged over heads);
+- ``max_reduction`` is the method's clamp (how many tokens it can remove from ``num_tokens`` inputs), which
+  both the forward and the build-time schedule clamp use;
+- the first ``protected`` tokens (class, distillation token, visual prompts) are never reduced and keep
+  their positions: every method honours that;
+- parameters a method learns belong to the method's module, whose ``param_category`` decides that they
+  train (``models.peft.param_categories``), whatever they are called.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+__all__ = ["TokenReduction", "NoOptions", "REDUCTION_METHODS", "DEFAULT_METHOD", "ATTENTION_OUTPUTS",
+           "register_reduction", "get_reduction", "build_reduction", "clamp_schedule", "check_options"]
+
+DEFAULT_METHOD = "tome"
+# What MergingAttention can hand to a method, besides the tokens themselves.
+ATTENTION_OUTPUTS = ("metric", "cls_attn")
+
+Tokens = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]   # (x, size, source)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without keys of its own (``merging.options`` must then stay empty)."""
+
+
+class TokenReduction(nn.Module):
+    """One layer's token reduction: ``(x, size, source)`` and what ``needs`` asks for → new ``(x, size, source)``.
+
+    ``r`` is the number of tokens the layer's schedule asks the method to remove; ``protected`` the
+    leading tokens it must leave untouched; ``dim`` the token width (for methods with parameters);
+    ``layer`` the block index (for messages). ``size`` is B×N×1 (None before the first reduction:
+    every token stands for one patch); ``source`` is the B×N×N₀ map of which input patches each token
+    holds, kept only when ``trace_source`` is on.
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset({"metric"})
+    Options: ClassVar[type] = NoOptions
+    param_category: ClassVar[str] = "reduction"   # any parameter of a method trains, under this name
+
+    def __init__(self, r: int, protected: int = 1, dim: int = 0, layer: int | None = None,
+                 options: Any = None) -> None:
+        super().__init__()
+        self.r = int(r)
+        self.protected = int(protected)
+        self.dim = int(dim)
+        self.layer = layer
+        self.options = options if options is not None else self.Options()
+
+    def max_reduction(self, num_tokens: int) -> int:
+        """How many of ``num_tokens`` inputs this method can remove at most (unprotected ones only)."""
+        return max(0, num_tokens - self.protected)
+
+    def effective_r(self, num_tokens: int) -> int:
+        """The ``r`` really applied to ``num_tokens`` inputs: the schedule's, clamped by the method."""
+        return max(0, min(self.r, self.max_reduction(num_tokens)))
+
+    @property
+    def active(self) -> bool:
+        """Whether the layer reduces anything (the attention skips computing ``needs`` otherwise)."""
+        return self.r > 0
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None, source: torch.Tensor | None, *,
+                trace_source: bool = False, **needs: torch.Tensor) -> Tokens:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, protected={self.protected}, layer={self.layer}"
+
+
+# name -> "module:Class" (imported when first used) or the class itself (register_reduction).
+REDUCTION_METHODS: dict[str, str | type[TokenReduction]] = {
+    "tome": "models.tome:ToMe",
+}
+
+
+def register_reduction(name: str, cls: type[TokenReduction] | None = None):
+    """Add a method under ``name`` (also usable as a class decorator); selectable as ``merging.method: name``."""
+    def add(cls: type[TokenReduction]) -> type[TokenReduction]:
+        if not (isinstance(cls, type) and issubclass(cls, TokenReduction)):
+            raise TypeError(f"a reduction method must subclass TokenReduction, got {cls!r}")
+        unknown = set(cls.needs) - set(ATTENTION_OUTPUTS)
+        if unknown:
+            raise ValueError(f"method {name!r} needs {sorted(unknown)}; the attention provides {ATTENTION_OUTPUTS}")
+        REDUCTION_METHODS[name] = cls
+        return cls
+    return add if cls is None else add(cls)
+
+
+def get_reduction(name: str) -> type[TokenReduction]:
+    """The class of a registered method; a ValueError listing the registered ones otherwise."""
+    try:
+        entry = REDUCTION_METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown merging method {name!r}; expected one of: "
+                         f"{', '.join(sorted(REDUCTION_METHODS))}") from None
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = REDUCTION_METHODS[name] = getattr(importlib.import_module(module), attr)
+    return entry
+
+
+def check_options(method: str, options: Mapping[str, Any] | None) -> Any:
+    """The method's ``Options`` from a mapping (``merging.options``); unknown keys name the key and the valid ones."""
+    cls = get_reduction(method).Options
+    given = dict(options or {})
+    valid = [f.name for f in fields(cls)]
+    unknown = [k for k in given if k not in valid]
+    if unknown:
+        expected = ", ".join(valid) if valid else "none (this method has no keys of its own)"
+        raise ValueError(f"merging.options.{unknown[0]}: unknown key of method {method!r}; expected {expected}")
+    return cls(**given)
+
+
+def build_reduction(method: str, r: int, protected: int, dim: int, layer: int | None = None,
+                    options: Any = None) -> TokenReduction:
+    """One layer's reduction module of ``method``; ``options`` a mapping or the method's ``Options``."""
+    cls = get_reduction(method)
+    if options is None or isinstance(options, Mapping):
+        options = check_options(method, options)
+    return cls(r, protected=protected, dim=dim, layer=layer, options=options)
+
+
+def clamp_schedule(reductions: Sequence[TokenReduction], num_tokens: int) -> list[int]:
+    """The ``r`` each layer really removes from ``num_tokens`` inputs, each method clamping its own layer."""
+    effective = []
+    for reduction in reductions:
+        r = reduction.effective_r(num_tokens)
+        effective.append(r)
+        num_tokens -= r
+    return effective
