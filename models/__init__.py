@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointError", "LoadReport", "load_checkpoint", "read_checkpoint", "trainable_state_dict", "unwrap_model",
     "Adapter", "LoRALinear", "fold_lora", "mark_trainable", "param_categories", "param_report",
     "VisualPrompts", "add_prompts", "PYRA", "PYRAVariant", "build_pyra", "parse_pyra",
-    "REDUCTION_METHODS", "TokenReduction", "get_reduction", "register_reduction", "ToMe", "bipartite_soft_matching", "merge_source", "merge_wavg", "parse_r",
+    "REDUCTION_METHODS", "TokenReduction", "get_reduction", "register_reduction", "ToMe",
+    "bipartite_soft_matching", "merge_source", "merge_wavg", "parse_r",
     "add_pyra", "apply_patch", "create_model", "resolve_schedule", "set_reduction",
 ]

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["PYRA", "PYRAVariant", "Reactivation", "StaticReactivation", "GatedMLPReactivation", "build_pyra",
-           "parse_pyra", "rename_earlier_keys", "PYRA_WEIGHTS", "PYRA_ACTIVATIONS", "PYRA_GENERATORS", "GATED_MLP_HIDDEN"]
+           "parse_pyra", "rename_earlier_keys", "PYRA_WEIGHTS", "PYRA_ACTIVATIONS", "PYRA_GENERATORS",
+           "GATED_MLP_HIDDEN"]
 
 PYRA_WEIGHTS = ("both", "channel", "token")
 PYRA_ACTIVATIONS = ("sigmoid", "none")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .reduction import Tokens, TokenReduction
+from .reduction import TokenReduction, Tokens
 
 __all__ = ["ToMe", "bipartite_soft_matching", "merge_wavg", "merge_source", "parse_r", "do_nothing", "max_merge"]
 

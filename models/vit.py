@@ -7,8 +7,8 @@ and blocks reduce their tokens between attention and MLP through a declared ``re
 ``forward_head``, ``forward_intermediates``, ``get_intermediate_layers``, ``reset_classifier`` and
 ``set_grad_checkpointing`` keep working on the patched model (on merged tokens). PEFT
 (``models.peft``), visual prompts (``models.prompt``), the reduction method (``set_reduction``) and
-PYRA (``add_pyra``) are set by their own functions; ``create_model`` composes them. The class token, a distillation token and the prompts are
-*protected*: they lead the sequence, never merge and keep their positions.
+PYRA (``add_pyra``) are set by their own functions; ``create_model`` composes them. The class token,
+a distillation token and the prompts are *protected*: they lead the sequence, never merge and keep their positions.
 """
 from __future__ import annotations
 

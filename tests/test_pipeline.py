@@ -159,8 +159,9 @@ def test_pyra_parameters_get_their_own_group(digits_root):
     groups = {g["name"]: g for g in build_optimizer(model, cfg.optim).param_groups}
     pyra_ids = {id(p) for n, p in model.named_parameters() if ".reduction.pyra." in n}
     assert {id(p) for p in groups["pyra"]["params"] + groups["pyra_no_decay"]["params"]} == pyra_ids
-    assert {id(p) for p in groups["pyra"]["params"]} == {id(b.reduction.pyra.to_channel_weight) for b in model.blocks} | {
-        id(b.reduction.pyra.to_token_weight) for b in model.blocks}
+    pyras = [b.reduction.pyra for b in model.blocks]
+    assert {id(p) for p in groups["pyra"]["params"]} == {id(p.to_channel_weight) for p in pyras} | {
+        id(p.to_token_weight) for p in pyras}
     assert groups["pyra"]["lr"] == groups["pyra_no_decay"]["lr"] == 3e-4
     assert groups["pyra"]["weight_decay"] == 0.5 and groups["pyra_no_decay"]["weight_decay"] == 0
     assert groups["decay"]["lr"] == cfg.optim.lr and groups["no_decay"]["weight_decay"] == 0
