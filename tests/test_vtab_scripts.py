@@ -378,3 +378,15 @@ def _load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_vtab_all_runs_an_ablation_row_by_name(fake, tmp_path: Path) -> None:
+    env, log = fake
+    name = "vit_b16/ablation/token_sigmoid"     # the stand-in names its folder by experiment=, as train.py would
+    proc = run(VTAB_ALL, [name, f"output_dir={tmp_path}", f"experiment={name}"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"experiment folder: {tmp_path / name};" in proc.stderr
+    made = calls(log)
+    config = str(ROOT / "configs" / "vit_b16" / "ablation" / "token_sigmoid.yaml")
+    assert [c["task"] for c in made] == OFFICIAL_ORDER
+    assert all(c["args"][:3] == ["train.py", "--config", config] for c in made)
