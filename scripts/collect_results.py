@@ -4,7 +4,7 @@
 Usage::
 
     python scripts/collect_results.py logs/vit_b16/lora_pyra_high [logs/vit_b16/lora_tome_high ...]
-        [--compare A B] [--out DIR] [--names NAME ...] [--include-unfinished] [--no-plots]
+        [--compare A B] [--out DIR] [--names NAME ...] [--include-unfinished] [--no-plots] [--ablation]
 
 An experiment folder holds one folder per task. Three layouts are read as they are:
 
@@ -26,7 +26,11 @@ validation-selected test top-1 (scripts/sweep.py: grid chosen on val200, winner 
 train800val200, its last-epoch test top-1). The paper's "average" is the mean of the three group means,
 not the mean of the 19 tasks, so both are reported. ``--compare A B`` adds per-task and
 per-group differences B − A, each flagged "within seed noise" unless Welch's t-test (two-sided, unequal
-variances, over the per-seed values) gives p < 0.05.
+variances, over the per-seed values) gives p < 0.05. ``--ablation`` adds the layout of the paper's
+ablation table (one row per experiment: Natural / Specialized / Structured / mean of the group means, and
+trainable parameters), also written to ablation.md; e.g. on the nine folders of configs/vit_b16/ablation::
+
+    python scripts/collect_results.py logs/vit_b16/ablation/* --ablation
 """
 from __future__ import annotations
 
@@ -679,6 +683,18 @@ def render_markdown(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def render_ablation(summaries: Sequence[dict[str, Any]]) -> str:
+    """The paper's ablation layout: per experiment the three group means and their mean (best test top-1,
+    each mean ± std over seeds) and the trainable parameters (K)."""
+    header = ["Experiment", "Natural", "Specialized", "Structured", "Average (groups)", "Trainable params (K)"]
+    rows = [[s["name"]] + [_mean_cell(s["best"][g], show_n=True) for g in (*VTAB_GROUPS, "Average")]
+            + [_fmt(None if s["n_parameters"] is None else s["n_parameters"] / 1e3)] for s in summaries]
+    return "\n".join(["## Ablation layout: best test top-1 (%), mean ± std over seeds (n)", "",
+                      _md_table(header, rows), "",
+                      "Trainable parameters include the head (mean over the tasks' class counts); "
+                      "models/README.md gives each variant's own count.", ""])
+
+
 def render_compare(a: dict[str, Any], b: dict[str, Any], table: dict[str, list[dict[str, Any]]]) -> str:
     """The comparison as Markdown: per metric, a row per task and group mean."""
     parts = [f"# Comparison: {b['name']} − {a['name']}", "",
@@ -872,9 +888,11 @@ def _hint(path: Path) -> str:
 
 def collect(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
             names: Sequence[str] | None = None, include_unfinished: bool = False,
-            plots: bool = True, compare_pair: Sequence[str | os.PathLike] | None = None) -> dict[str, Any]:
+            plots: bool = True, compare_pair: Sequence[str | os.PathLike] | None = None,
+            ablation: bool = False) -> dict[str, Any]:
     """Summarise the experiments and write results.md / results.csv / results_long.csv / results_runs.csv
-    (and PNGs) to ``out``; with ``compare_pair`` (A, B) also compare.md / compare.csv (B − A)."""
+    (and PNGs) to ``out``; with ``compare_pair`` (A, B) also compare.md / compare.csv (B − A); with
+    ``ablation`` also ablation.md (:func:`render_ablation`)."""
     exp_dirs = list(exp_dirs)
     if names and len(names) != len(exp_dirs):
         raise ValueError(f"--names has {len(names)} name(s) for {len(exp_dirs)} experiment(s)")
@@ -895,6 +913,11 @@ def collect(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None
     markdown = render_markdown(summaries)
     result: dict[str, Any] = {"summaries": summaries}
     files = {"markdown": out_dir / "results.md"}
+    if ablation:
+        ablation_md = render_ablation(summaries)
+        markdown = ablation_md + "\n" + markdown
+        (out_dir / "ablation.md").write_text(ablation_md, encoding="utf-8")
+        files["ablation"] = out_dir / "ablation.md"
     if compare_pair:
         index = [str(e) for e in exp_dirs]
         a, b = (summaries[index.index(str(d))] for d in compare_pair)
@@ -927,12 +950,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--include-unfinished", action="store_true",
                         help="count unfinished runs (their best so far) in the means")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also the ablation table's layout (group means and trainable parameters per row)")
     args = parser.parse_args(argv)
     if not args.experiments and not args.compare:
         parser.error("give experiment folders, --compare A B, or both")
     try:
         result = collect(args.experiments, args.out, args.names, args.include_unfinished, not args.no_plots,
-                         compare_pair=args.compare)
+                         compare_pair=args.compare, ablation=args.ablation)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

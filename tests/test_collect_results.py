@@ -463,3 +463,32 @@ def test_plot_has_error_bars_over_seeds(seeded_exp: Path, tmp_path: Path) -> Non
     assert captured["y"] == [pytest.approx(s["best"]["Average"]["value"])]
     assert captured["yerr"] == [pytest.approx(s["best"]["Average"]["std"])]
     assert captured["xerr"] == [pytest.approx(_std([1000, 1010, 1020]))]
+
+
+def test_ablation_layout_has_group_means_and_trainable_parameters(tmp_path: Path) -> None:
+    rows = {"tome": 70.0, "token_sigmoid": 71.0}          # seed k of task t: base + t's offset + k
+    offsets = {"cifar": 0.0, "dtd": 2.0, "eurosat": 10.0, "kitti": -5.0}
+    exps = []
+    for row, base in rows.items():
+        exp = tmp_path / "logs" / "vit_b16" / "ablation" / row
+        for task, off in offsets.items():
+            for seed in (0, 1):
+                write_seed_run(exp, task, seed, best=base + off + seed, last=base + off - 10)
+        exps.append(str(exp))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "collect_results.py"), *exps, "--ablation",
+                           "--no-plots", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "out" / "ablation.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| Experiment"))
+    assert header.split(" | ")[1:] == ["Natural", "Specialized", "Structured", "Average (groups)",
+                                       "Trainable params (K) |"]
+    cells = [line.strip("| ").split(" | ") for line in table if line.startswith("| ") and "ablation/" in line]
+    assert [c[0] for c in cells] == ["vit_b16/ablation/tome", "vit_b16/ablation/token_sigmoid"]
+    tome = cells[0]
+    # Natural = mean(cifar, dtd) = base + 1 + seed: 71 and 72 over the two seeds -> 71.50 ± 0.71
+    natural, special, struct = [71.0, 72.0], [80.0, 81.0], [65.0, 66.0]
+    average = [(a + b + c) / 3 for a, b, c in zip(natural, special, struct)]
+    assert tome[1] == f"71.50 ± {_std(natural):.2f} (n=2)*"            # * : 2 of the 7 Natural tasks
+    assert tome[2] == f"80.50 ± {_std(special):.2f} (n=2)*" and tome[3] == f"65.50 ± {_std(struct):.2f} (n=2)*"
+    assert tome[4] == f"{sum(average) / 2:.2f} ± {_std(average):.2f} (n=2)*" and tome[5] == "1.00"
+    assert "## Ablation layout" in proc.stdout
