@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["BackboneSpec", "BACKBONES", "SCHEDULES", "MERGING_SETTINGS", "MERGING_LABELS", "ABLATION_SETTINGS",
-           "ABLATION_LABELS", "get_backbone", "named_schedule"]
+           "ABLATION_LABELS", "REDUCTION_SETTINGS", "get_backbone", "named_schedule"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,11 @@ MERGING_LABELS: dict[str, str] = {
 # The rows of the paper's ablation (ViT-B/16 + LoRA 8, high compression): plain ToMe, PYRA's partial forms
 # and two other weight generators (models/pyra.py, formulas in models/README.md). configs/generate.py
 # writes configs/vit_b16/ablation/<name>.yaml from them.
+# Reduction methods beside ToMe at the compression of ToMe's low / high (fvcore multiply-adds within 5 %):
+# method -> {"low": overrides, "high": overrides}. configs/generate.py writes
+# configs/vit_b16/lora_<method>_<level>.yaml (ViT-B/16 + LoRA, official recipe) from it.
+REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {}
+
 _HIGH = {"merging.r": "high"}
 ABLATION_SETTINGS: dict[str, dict[str, Any]] = {
     "tome": {**_HIGH, "merging.pyra": False},

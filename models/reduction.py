@@ -35,7 +35,7 @@ Tokens = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]   # (x, s
 
 
 @dataclass(frozen=True)
-class NoOptions:
+class NoOptions:  # a method's Options is a frozen dataclass; its __post_init__ raises "<key>: expected ..."
     """A method without keys of its own (``merging.options`` must then stay empty)."""
 
 
@@ -124,7 +124,10 @@ def check_options(method: str, options: Mapping[str, Any] | None) -> Any:
     if unknown:
         expected = ", ".join(valid) if valid else "none (this method has no keys of its own)"
         raise ValueError(f"merging.options.{unknown[0]}: unknown key of method {method!r}; expected {expected}")
-    return cls(**given)
+    try:
+        return cls(**given)
+    except (ValueError, TypeError) as e:   # an Options' own check: "<key>: expected ..., got ..."
+        raise ValueError(f"merging.options.{e}") from None
 
 
 def build_reduction(method: str, r: int, protected: int, dim: int, layer: int | None = None,
