@@ -156,7 +156,10 @@ class MergingBlock(Block):
     trace_source: bool = False
 
     def __init__(self, dim: int, num_heads: int, *args: Any, attn_layer: Any = None, **kwargs: Any) -> None:
-        super().__init__(dim, num_heads, *args, attn_layer=attn_layer or MergingAttention, **kwargs)
+        # timm's VisionTransformer hands its own default attention class to block_fn: merging needs its subclass.
+        if attn_layer is None or attn_layer is Attention:
+            attn_layer = MergingAttention
+        super().__init__(dim, num_heads, *args, attn_layer=attn_layer, **kwargs)
         self.declare_slots()
 
     def declare_slots(self, protected: int = 1) -> None:

@@ -334,3 +334,22 @@ def test_resume_from_a_checkpoint_with_earlier_names_is_exact(digits_root, tmp_p
     torch.save(ckpt, last)
     run_train(digits_root, out, *extra, resume="auto")
     assert_same_run(tmp_path / "straight" / "t" / "digits" / "seed0", out / "t" / "digits" / "seed0")
+
+
+def test_merging_block_is_a_timm_block_fn():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from models.vit import MergingAttention, MergingBlock, apply_patch
+    torch.manual_seed(0)
+    built = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3,
+                              block_fn=MergingBlock)
+    assert all(type(b.attn) is MergingAttention and type(b.reduction).__name__ == "ToMe" for b in built.blocks)
+    torch.manual_seed(0)
+    patched = apply_patch(VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                            num_classes=3))
+    patched.load_state_dict(built.state_dict())
+    apply_patch(built)
+    built.r = patched.r = 6
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(built.eval()(x), patched.eval()(x))
