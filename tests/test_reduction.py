@@ -353,3 +353,17 @@ def test_merging_block_is_a_timm_block_fn():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(built.eval()(x), patched.eval()(x))
+
+
+def test_matching_scores_are_fp32_under_bf16_autocast():
+    """Near-equal keys tie in bf16 (scores 0.9922 / 0.9961 / 1.0): the matching must rank them in fp32."""
+    from models.tome import bipartite_soft_matching
+    torch.manual_seed(0)
+    metric = (torch.randn(1, 1, 64) + 0.02 * torch.randn(2, 101, 64)).bfloat16()
+    x = torch.randn(2, 101, 64)
+
+    def merged(m, autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            merge, _ = bipartite_soft_matching(m, 30)
+        return merge(x, mode="sum")
+    assert torch.equal(merged(metric, True), merged(metric.float(), False))
