@@ -177,6 +177,21 @@ def start_run(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool
     return out, lock, ckpt, changes, made
 
 
+def _kept_checkpoint(out: Path, removed: bool) -> str:
+    """What a run stopped by a non-finite loss leaves to continue from (said as it is: there may be none)."""
+    last = out / "last.pth"
+    if not last.exists():
+        gone = " (the run folder was removed)" if removed else ""
+        return f"no checkpoint was written{gone}; lower optim.lr or set optim.clip_grad and start again"
+    try:
+        ckpt = load_run_checkpoint(last)
+        where = f"epoch {ckpt['next_epoch']}, step {ckpt.get('epoch_state', {}).get('step', 0)}"
+    except CheckpointError:
+        return f"{last} exists but cannot be read"
+    return (f"{last} (from before the failure: it continues at {where}) is kept; lower optim.lr or set "
+            f"optim.clip_grad and continue with --resume auto --allow-config-change")
+
+
 def _comparable(ckpt: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run's config and ``cfg`` in the same form: resolved (what the model really has) when the
     checkpoint recorded that, so ``--config <run>/config.yaml`` resumes the run it came from."""
@@ -204,9 +219,12 @@ def train(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool = Fa
         run_dir(cfg), None, None, [], None)
     try:
         return _train(cfg, dist, device, stop, out, lock, ckpt, changes)
-    except BaseException:
-        if made is not None and not (out / "last.pth").exists():  # failed before any checkpoint: no half-made run
+    except BaseException as e:
+        removed = made is not None and not (out / "last.pth").exists()
+        if removed:  # failed before any checkpoint: no half-made run
             shutil.rmtree(made, ignore_errors=True)
+        if isinstance(e, NonFiniteLossError) and is_main():
+            raise NonFiniteLossError(f"{e}; {_kept_checkpoint(out, removed)}") from None
         raise
     finally:
         if lock is not None:

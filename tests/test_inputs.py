@@ -22,7 +22,8 @@ import train as train_script
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
         "merging.r=[4, 2]", "train.batch_size=100", "train.eval_interval=1", "report.benchmark_batch=4",
-        "report.benchmark_seconds=0.01", "report.flops=false", "sched.warmup_epochs=0"]
+        "report.benchmark_seconds=0.01", "report.flops=false", "sched.warmup_epochs=0", "data.train_split=val200",
+        "data.eval_split=val200"]                                    # 2 steps of 100 images per epoch
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -48,6 +49,16 @@ def one_error(err: str) -> str:
     assert len(lines) == 1, err
     assert err.rstrip().endswith(lines[0]), err  # nothing after it: a one-line error
     return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one thread is several times faster than many fighting for cores."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -156,3 +167,160 @@ def test_non_finite_config_number_is_an_error_naming_the_key(override, key, tiny
     code, err = cli(train_script.main, tiny_run(override), capsys)
     assert code == 2 and f"{key}: must be a finite number" in err and "Traceback" not in err, err
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------- weights and checkpoints
+ARCH = dict(embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=16)   # the model TINY configures
+
+
+def backbone(**sizes):
+    """A plain ViT with TINY's architecture (or ``sizes``), seeded: the "pretrained" weights of these tests."""
+    import torch
+
+    from models import create_model
+    torch.manual_seed(1)
+    return create_model("vit", num_classes=10, peft="none", global_pool="avg", **{**ARCH, **sizes})
+
+
+def jax_npz(model, path: Path, **extra) -> Path:
+    """``model``'s backbone in Google's ViT ``.npz`` layout (as ViT-B_16.npz), plus ``extra`` arrays."""
+    import numpy as np
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    d, h = model.embed_dim, model.blocks[0].attn.num_heads
+    w = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0), "cls": sd["cls_token"],
+         "embedding/bias": sd["patch_embed.proj.bias"], "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+         "head/kernel": np.zeros((d, 21843), np.float32), "head/bias": np.zeros(21843, np.float32)}
+    for i in range(len(model.blocks)):
+        p, b, mha = f"Transformer/encoderblock_{i}/", f"blocks.{i}.", f"Transformer/encoderblock_{i}/" \
+                                                                       "MultiHeadDotProductAttention_1/"
+        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
+        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
+        for j, n in enumerate(("query", "key", "value")):
+            w[mha + n + "/kernel"] = sd[b + "attn.qkv.weight"][j * d:(j + 1) * d].T.reshape(d, h, d // h)
+            w[mha + n + "/bias"] = sd[b + "attn.qkv.bias"][j * d:(j + 1) * d].reshape(h, d // h)
+        w[mha + "out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(h, d // h, d)
+        w[mha + "out/bias"] = sd[b + "attn.proj.bias"]
+        for r in range(2):
+            w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            w[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    np.savez(path, **{**w, **extra})
+    return path
+
+
+def poisoned_state_dict(name: str, value: float) -> dict:
+    sd = backbone().state_dict()
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[3] = value
+    return sd
+
+
+def test_non_finite_pretrained_weights_are_refused_at_load(tmp_path, tiny_run, capsys):
+    import numpy as np
+    import torch
+    pth = tmp_path / "nan.pth"
+    torch.save({"model": poisoned_state_dict("blocks.1.mlp.fc1.weight", float("nan"))}, pth)
+    npz = jax_npz(backbone(), tmp_path / "inf.npz")
+    arrays = dict(np.load(npz))
+    arrays["Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias"][2] = np.inf
+    np.savez(npz, **arrays)
+    before = snapshot(tmp_path)
+    for path, tensor in ((pth, "blocks.1.mlp.fc1.weight"), (npz, "Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias")):
+        code, err = cli(train_script.main, tiny_run(f"model.pretrained={path}"), capsys)
+        line = one_error(err)
+        assert code == 2 and line.startswith(f"error: {path}: tensor {tensor!r} holds non-finite values"), line
+    assert snapshot(tmp_path) == before                  # no run folder was left behind
+
+
+def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path, digits_root, capsys):
+    import torch
+
+    import eval as eval_script
+    from lib.build import build_model
+    from lib.config import load_config
+    from models import trainable_state_dict
+    from models.checkpoint import OWN_FORMAT
+    config = REPO / "configs/demo/digits_random.yaml"
+    overrides = [f"data.root={digits_root}", *TINY]
+    sd = trainable_state_dict(build_model(load_config(config, overrides), 10))
+    name = sorted(sd)[-1]
+    sd[name] = torch.full_like(sd[name], float("nan"))
+    ckpt = tmp_path / "best.pth"
+    torch.save({"format": OWN_FORMAT, "model": sd, "next_epoch": 3}, ckpt)
+    before = snapshot(tmp_path)
+    code, err = cli(eval_script.main, ["--config", config, "--checkpoint", ckpt, *overrides], capsys)
+    line = one_error(err)
+    assert code == 2 and line.startswith(f"error: {ckpt}: tensor {name!r} holds non-finite values"), line
+    assert "top-1" not in err and snapshot(tmp_path) == before
+
+
+def test_non_finite_loss_stop_names_epoch_step_and_whether_a_checkpoint_exists(tiny_run, capsys, monkeypatch):
+    import torch.nn.functional as F
+
+    import lib.engine
+    real, calls = F.cross_entropy, {"n": 0, "at": 0}
+
+    def poisoned(logits, target, **kw):
+        loss = real(logits, target, **kw)
+        if kw.get("reduction") == "sum":                              # evaluation
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == calls["at"] else loss
+
+    monkeypatch.setattr(lib.engine.F, "cross_entropy", poisoned)
+    calls.update(n=0, at=2)                                           # epoch 0, step 1: nothing saved yet
+    code, err = cli(train_script.main, tiny_run("train.epochs=2"), capsys)
+    line = one_error(err)
+    assert code == 4 and "loss is nan at epoch 0, step 1" in line and "no checkpoint was written" in line, line
+    assert "kept" not in line and not tiny_run.out.exists()           # the half-made run folder is gone
+    calls.update(n=0, at=2 + 2)                                       # 2 steps per epoch: epoch 1, step 1
+    code, err = cli(train_script.main, tiny_run("train.epochs=2"), capsys)
+    line = one_error(err)
+    last = tiny_run.run / "last.pth"
+    assert code == 4 and "loss is nan at epoch 1, step 1" in line and f"{last} (" in line, line
+    assert "continues at epoch 1, step 0) is kept" in line and "--resume auto" in line, line
+
+
+# ------------------------------------------------------------------------------ checkpoints that do not fit
+def test_pretrained_file_with_unused_tensors_is_an_error_unless_allow_partial(tmp_path, tiny_run, capsys):
+    import torch
+    deep_pth = tmp_path / "deep.pth"
+    torch.save(backbone(depth=3).state_dict(), deep_pth)
+    deep_npz = jax_npz(backbone(depth=3), tmp_path / "deep.npz")
+    before = snapshot(tmp_path)
+    for path, unused in ((deep_pth, [k for k in backbone(depth=3).state_dict() if k.startswith("blocks.2.")]),
+                         (deep_npz, [k for k in __import__("numpy").load(deep_npz).files if "encoderblock_2/" in k])):
+        code, err = cli(train_script.main, tiny_run(f"model.pretrained={path}"), capsys)
+        line = one_error(err)
+        assert code == 2 and line.startswith(f"error: {path}: {len(unused)} tensor(s) of the checkpoint are not used")
+        assert all(k in line for k in unused) and "model.allow_partial: true" in line, line
+        assert len(unused) == 12 if path == deep_pth else len(unused) == 16
+    assert snapshot(tmp_path) == before
+    code, err = cli(train_script.main, tiny_run(f"model.pretrained={deep_npz}", "model.allow_partial=true",
+                                                "train.epochs=1"), capsys)
+    assert code == 0, err
+    log = (tiny_run.run / "train.log").read_text()
+    assert "unexpected (16): " + ", ".join(sorted(unused)) in log   # every unused tensor named in the report
+
+
+def test_shape_mismatch_names_the_tensor_and_a_pickled_npz_is_refused_as_such(tmp_path, tiny_run, capsys):
+    import numpy as np
+    wide = jax_npz(backbone(embed_dim=48), tmp_path / "wide.npz")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    pickled = jax_npz(backbone(), tmp_path / "pickled.npz", notes=np.array([Payload()], dtype=object))
+    whole = (tmp_path / "pickled.npz").read_bytes()
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    before = snapshot(tmp_path)
+    for path, needles in ((wide, ["model tensor 'patch_embed.proj.weight' is (32, 3, 4, 4)", "(48, 3, 4, 4)"]),
+                          (pickled, ["its array 'notes' holds pickled Python objects", "none of it was run"]),
+                          (cut, ["truncated or corrupt"])):
+        code, err = cli(train_script.main, tiny_run(f"model.pretrained={path}"), capsys)
+        line = one_error(err)
+        assert code == 2 and str(path) in line and all(n in line for n in needles), line
+        assert (path == cut) == ("truncated" in line), line
+    assert not marker.exists() and snapshot(tmp_path) == before
