@@ -402,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo_hint(args: argparse.Namespace) -> str:
-    """The demo configs read data that ``python -m data.make_digits`` writes."""
-    demo_dir = DEMO_CONFIG.parent.resolve()
-    if args.config and Path(args.config).resolve().parent == demo_dir and not Path("data/demo/digits").is_dir():
+    """The demo configs read data that ``python -m data.make_digits`` writes (unless data.root points elsewhere)."""
+    demo_dir, own_root = DEMO_CONFIG.parent.resolve(), not any(o.startswith("data.root=") for o in args.overrides)
+    if (args.config and Path(args.config).resolve().parent == demo_dir and own_root
+            and not Path("data/demo/digits").is_dir()):
         return "\n(the demo data is written by: python -m data.make_digits)"
     return ""
 

@@ -324,3 +324,51 @@ def test_shape_mismatch_names_the_tensor_and_a_pickled_npz_is_refused_as_such(tm
         assert code == 2 and str(path) in line and all(n in line for n in needles), line
         assert (path == cut) == ("truncated" in line), line
     assert not marker.exists() and snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------ list files
+def task_run(tmp_path: Path, *extra: str) -> list[str]:
+    """argv for a tiny run on a small generated task ``t`` under ``tmp_path/data`` (write it first)."""
+    return ["--config", REPO / "configs/demo/digits_random.yaml", f"data.root={tmp_path / 'data'}", "data.task=t",
+            f"output_dir={tmp_path / 'logs'}", "experiment=t", *TINY, "data.train_split=train800",
+            "data.eval_split=test", "train.epochs=1", "train.batch_size=4", *extra]
+
+
+def test_list_file_with_a_utf8_bom_is_read_as_text(tmp_path, make_vtab_task, capsys):
+    task = make_vtab_task(tmp_path / "data", "t", sizes={"train800": 20, "val200": 4}, test_size=10)
+    for split in ("train800", "test"):
+        listing = task / f"{split}.txt"
+        listing.write_bytes(b"\xef\xbb\xbf" + listing.read_bytes())     # as Notepad saves UTF-8
+    (task / "classes.txt").write_bytes(b"\xef\xbb\xbf" + "".join(f"c{i}\n" for i in range(10)).encode())
+    code, err = cli(train_script.main, task_run(tmp_path), capsys)
+    assert code == 0, err
+    assert (tmp_path / "logs/t/t/seed0/final.json").exists()
+
+
+@pytest.mark.parametrize("entry, why", [("../u/images/test/000000.png", "goes up out of the task folder"),
+                                        ("images/../../u/images/test/000001.png", "goes up out of the task folder"),
+                                        ("{root}/u/images/test/000002.png", "is an absolute path"),
+                                        ("images/link.png", "symlink"), ("linked/000003.png", "symlink")])
+def test_list_entry_leaving_the_task_folder_is_refused_naming_file_and_line(entry, why, tmp_path, make_vtab_task,
+                                                                             capsys):
+    task = make_vtab_task(tmp_path / "data", "t", sizes={"train800": 5, "val200": 2}, test_size=3)
+    make_vtab_task(tmp_path / "data", "u", sizes={"train800": 2, "val200": 2}, test_size=5)   # another task's test
+    (task / "images/link.png").symlink_to(tmp_path / "data/u/images/test/000004.png")
+    (task / "linked").symlink_to(tmp_path / "data/u/images/test", target_is_directory=True)
+    listing = task / "train800.txt"
+    lines = listing.read_text().splitlines()
+    lines.insert(2, f"{entry.format(root=tmp_path / 'data')} 1")
+    listing.write_text("\n".join(lines) + "\n")
+    before = snapshot(tmp_path)
+    code, err = cli(train_script.main, task_run(tmp_path), capsys)
+    line = one_error(err)
+    assert code == 2 and line.startswith(f"error: {listing}:3: ") and why in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_a_task_folder_that_is_itself_a_symlink_still_loads(tmp_path, make_vtab_task):
+    from lib.data import ImageListDataset
+    make_vtab_task(tmp_path / "elsewhere", "t", sizes={"train800": 3, "val200": 1}, test_size=2)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/t").symlink_to(tmp_path / "elsewhere/t", target_is_directory=True)
+    assert len(ImageListDataset(tmp_path / "data", "t", "train800")) == 3
