@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,14 @@ import torch.nn as nn
 
 from lib.benchmark import count_flops, measure_throughput, merged_speedup, tokens_per_layer
 from lib.build import build_model
-from lib.checkpointing import atomic_write, load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state
+from lib.checkpointing import (
+    DiskFullError,
+    atomic_write,
+    load_run_checkpoint,
+    rng_state,
+    save_run_checkpoint,
+    set_rng_state,
+)
 from lib.config import ConfigError, config_to_dict, load_config, resolve_config, save_config
 from lib.data import DataError, build_dataset, canonical_task, check_class_counts
 from lib.distributed import all_reduce_sum, cleanup, init_distributed, is_main, select_device
@@ -37,7 +46,8 @@ from models import CheckpointError, param_report, trainable_state_dict
 from models.checkpoint import check_checkpoint_file
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"
-EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE = 2, 3, 4
+EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE, EXIT_NO_SPACE = 2, 3, 4, 5
+PEER_EXIT_DELAY_S = 10.0  # under torchrun, how long a process other than rank 0 waits before exiting on an error
 UNRELIABLE_SPREAD = 0.25  # per-round speed-up ratios spread wider than this: the timing is not trustworthy
 RUN_FILES = ("log.txt", "train.log", "config.yaml", "efficiency.json", "last.pth", "best.pth", "final.json")
 
@@ -351,9 +361,9 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
                 json_log.append(record)
                 if board is not None:
                     board.append(record)
-            save(out / "last.pth", epoch + 1, epoch_state)
-            if record is not None and best["epoch"] == epoch:
-                atomic_write(out / "best.pth", lambda tmp: shutil.copyfile(out / "last.pth", tmp))
+            if record is not None and best["epoch"] == epoch:  # best.pth first: if either write fails (a full
+                save(out / "best.pth", epoch + 1, epoch_state)  # disk), last.pth still holds the epoch before,
+            save(out / "last.pth", epoch + 1, epoch_state)      # which a resumed run trains again, exactly
 
     if board is not None:
         board.close()
@@ -385,20 +395,34 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + result["signal"]  # 130 for Ctrl-C, 143 for SIGTERM: scripts can tell stopped from done
         return 0
     except DataError as e:
-        print(f"error: {e}{_demo_hint(args)}", file=sys.stderr)
+        _error(f"{e}{_demo_hint(args)}")
         return EXIT_CONFIG
     except (ConfigError, CheckpointError, RunFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_CONFIG
     except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_EXISTS
     except NonFiniteLossError as e:
         log.error(str(e))
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_NONFINITE
+    except DiskFullError as e:  # not logged: train.log may be what could not be written
+        _error(f"{e}; free some space, then run the same command with --resume auto (it continues exactly from "
+               f"the last checkpoint)")
+        return EXIT_NO_SPACE
     finally:
         cleanup()
+
+
+def _error(text: str) -> None:
+    """The error line on stderr, once: under torchrun / srun every process meets the same bad input, and
+    only the first prints it. The others wait a moment before exiting, so that the launcher (which stops
+    every process at the first exit) cannot stop the first before it has printed."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"error: {text}", file=sys.stderr)
+    else:
+        time.sleep(PEER_EXIT_DELAY_S)
 
 
 def _demo_hint(args: argparse.Namespace) -> str:

@@ -372,3 +372,134 @@ def test_a_task_folder_that_is_itself_a_symlink_still_loads(tmp_path, make_vtab_
     (tmp_path / "data").mkdir()
     (tmp_path / "data/t").symlink_to(tmp_path / "elsewhere/t", target_is_directory=True)
     assert len(ImageListDataset(tmp_path / "data", "t", "train800")) == 3
+
+
+# ------------------------------------------------------------------------------------------------ full disk
+def records(run: Path) -> list[dict]:
+    import json
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_time"}
+            for line in (run / "log.txt").read_text().splitlines()]
+
+
+def trained(run: Path) -> dict:
+    from lib.checkpointing import load_run_checkpoint
+    return load_run_checkpoint(run / "last.pth")["model"]
+
+
+def no_space() -> OSError:
+    import errno
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.fixture(scope="module")
+def reference(digits_root, tmp_path_factory):
+    """An uninterrupted 3-epoch tiny run: what a run stopped by a full disk and resumed must equal."""
+    import torch
+    out, threads = tmp_path_factory.mktemp("reference"), torch.get_num_threads()
+    argv = ["--config", REPO / "configs/demo/digits_random.yaml", f"data.root={digits_root}", f"output_dir={out}",
+            "experiment=t", *TINY, "train.epochs=3"]
+    torch.set_num_threads(1)
+    try:
+        assert train_script.main([str(a) for a in argv]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out / "t/digits/seed0"
+
+
+def test_full_disk_writing_a_checkpoint_is_one_line_keeps_the_previous_and_resumes_exactly(
+        tiny_run, reference, capsys, monkeypatch):
+    import pathlib
+    real_write, seen = pathlib.Path.write_bytes, {"last": 0, "kept": None}
+
+    def write_bytes(self, data):                       # the second save of last.pth runs out of space half-way
+        if self.name.startswith(".last.pth."):
+            seen["last"] += 1
+            if seen["last"] == 2:
+                seen["kept"] = (self.parent / "last.pth").read_bytes()
+                real_write(self, bytes(data)[:len(data) // 2])
+                raise no_space()
+        return real_write(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    code, err = cli(train_script.main, tiny_run("train.epochs=3"), capsys)
+    line = one_error(err)
+    last = tiny_run.run / "last.pth"
+    assert code == 5 and line.startswith(f"error: cannot write {last}: no space left on device"), line
+    assert "the previous file is intact" in line and "--resume auto" in line, line
+    assert last.read_bytes() == seen["kept"]                             # the end of epoch 0, untouched
+    assert not [p for p in tiny_run.run.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(pathlib.Path, "write_bytes", real_write)          # space is back
+    code, err = cli(train_script.main, [*tiny_run("train.epochs=3"), "--resume", "auto"], capsys)
+    assert code == 0, err
+    assert records(tiny_run.run) == records(reference)
+    assert all(v.equal(trained(reference)[k]) for k, v in trained(tiny_run.run).items())
+
+
+def test_full_disk_writing_a_log_is_one_line_naming_it_and_resumes_exactly(tiny_run, reference, capsys,
+                                                                         monkeypatch):
+    import logging
+    real_fsync, real_flush = os.fsync, logging.StreamHandler.flush
+    armed = {"log.txt": 0, "train.log": 0}
+
+    def fsync(fd):                                      # log.txt: the line of epoch 1 is not on disk
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/log.txt"):
+            armed["log.txt"] += 1
+            if armed["log.txt"] == 2:
+                raise no_space()
+        return real_fsync(fd)
+
+    def flush(handler):                                 # train.log: the 12th line cannot be written
+        if getattr(handler, "baseFilename", "").endswith("train.log"):
+            armed["train.log"] += 1
+            if armed["train.log"] == 12:
+                raise no_space()
+        return real_flush(handler)
+
+    for name, patch in (("log.txt", lambda: monkeypatch.setattr(os, "fsync", fsync)),
+                        ("train.log", lambda: monkeypatch.setattr(logging.StreamHandler, "flush", flush))):
+        patch()
+        code, err = cli(train_script.main, tiny_run("train.epochs=3", "--overwrite"), capsys)
+        line = one_error(err)
+        assert code == 5 and line.startswith(f"error: cannot write {tiny_run.run / name}: no space left"), line
+        assert "Logging error" not in err
+        monkeypatch.undo()                              # space is back
+        code, err = cli(train_script.main, [*tiny_run("train.epochs=3"), "--resume", "auto"], capsys)
+        assert code == 0, err
+        assert records(tiny_run.run) == records(reference), name
+
+
+# ------------------------------------------------------------------------------------------------- torchrun
+def recording_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in interpreter for the scripts: runs Python, but only records a launch of train.py."""
+    log = tmp_path / "launched"
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\ncase \"$*\" in *train.py*) echo \"$*\" >> {log}; exit 0;; esac\n"
+                      f"exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    return python, log
+
+
+@pytest.mark.parametrize("script", ["vtab.sh", "vtab_all.sh"])
+def test_vtab_scripts_check_nproc_against_the_batch_before_launching(script, tmp_path):
+    python, log = recording_python(tmp_path)
+    args = ["digits"] if script == "vtab.sh" else []
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script), *args, str(REPO / "configs/demo/digits_random.yaml"),
+                           f"output_dir={tmp_path / 'logs'}"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": str(python), "NPROC": "3", "TASKS": "digits"})
+    assert proc.returncode == 2 and not log.exists() and not (tmp_path / "logs").exists(), proc.stderr
+    assert proc.stderr.strip() == (f"{script}: NPROC=3 does not divide train.batch_size=32 (the global batch; each "
+                                   f"of the 3 processes takes batch / 3): choose NPROC among the divisors of 32")
+
+
+def test_under_torchrun_a_config_error_is_printed_once_and_the_process_exits_2(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", "--config", "configs/demo/digits_random.yaml", "optim.lr=.inf",
+                           f"output_dir={tmp_path / 'logs'}"], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300)
+    output = proc.stdout + proc.stderr
+    assert output.count("error: optim.lr: must be a finite number >= 0, got inf\n") == 1, output
+    root_cause = output.split("Root Cause")[-1]          # torchrun's report: rank 0 failed first, with code 2
+    assert "rank      : 0 " in root_cause and "exitcode  : 2" in root_cause, output
+    assert "train.py\", line" not in output, output       # no traceback of train.py
+    assert not (tmp_path / "logs").exists()
