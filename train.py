@@ -29,6 +29,7 @@ from lib.build import build_model
 from lib.checkpointing import (
     DiskFullError,
     atomic_write,
+    is_disk_full,
     load_run_checkpoint,
     rng_state,
     save_run_checkpoint,
@@ -404,12 +405,19 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(e))
         return EXIT_EXISTS
     except NonFiniteLossError as e:
-        log.error(str(e))
+        if is_main():
+            log.error(str(e))
         _error(str(e))
         return EXIT_NONFINITE
     except DiskFullError as e:  # not logged: train.log may be what could not be written
         _error(f"{e}; free some space, then run the same command with --resume auto (it continues exactly from "
                f"the last checkpoint)")
+        return EXIT_NO_SPACE
+    except OSError as e:  # any other write of the run (its lock file, ...) that ran out of space
+        if not is_disk_full(e):
+            raise
+        _error(f"no space left on device{f' writing {e.filename}' if e.filename else ''}; free some space, then "
+               f"run the same command with --resume auto")
         return EXIT_NO_SPACE
     finally:
         cleanup()

@@ -126,8 +126,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     return ckpt
 
 
-def _unwrap(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensor dict inside the common wrappers (``model``, ``state_dict``) and prefixes (DDP, MoCo)."""
+def _unwrap(ckpt: dict[str, Any], dropped: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensor dict inside the common wrappers (``model``, ``state_dict``) and prefixes (DDP, MoCo);
+    the tensors left out (MoCo's momentum encoder and predictor) are appended to ``dropped``."""
     for key in ("model", "state_dict", "module"):
         if isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
@@ -136,6 +137,8 @@ def _unwrap(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     if any(k.startswith("module.") for k in sd):
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if any(k.startswith("base_encoder.") for k in sd):   # MoCo v3: keep the query encoder only
+        if dropped is not None:
+            dropped += sorted(k for k in sd if not k.startswith("base_encoder."))
         sd = {k.removeprefix("base_encoder."): v for k, v in sd.items() if k.startswith("base_encoder.")}
     return sd
 
@@ -326,7 +329,8 @@ def _load_state_dict(model: nn.Module, path: str, kind: str) -> LoadReport:
     """A ``.pth`` / ``.safetensors`` file: unwrapped, renamed (official PYRA), adapted (pretrained), checked."""
     ckpt = read_checkpoint(path)
     own = ckpt.get("format") == OWN_FORMAT
-    sd = _unwrap(ckpt)
+    left_out: list[str] = []
+    sd = _unwrap(ckpt, left_out)
     if not sd:
         raise CheckpointError(f"{path} holds no tensor (keys: {sorted(ckpt)[:8]}): nothing to load")
     _check_finite(sd, path)
@@ -335,9 +339,10 @@ def _load_state_dict(model: nn.Module, path: str, kind: str) -> LoadReport:
         sd = _rename_official(sd)
     finetuned = own or official if kind == "auto" else kind == "finetuned"
     report = LoadReport(path, "pyra" if own else "official-pyra" if official else
-                        "finetuned" if finetuned else "pretrained")
+                        "finetuned" if finetuned else "pretrained", dropped=left_out)
     if not finetuned:
         sd = _adapt_pretrained(sd, model, report)
+        report.dropped.sort()
 
     model_sd = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
