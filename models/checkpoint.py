@@ -169,13 +169,17 @@ def _non_finite(name: str, values: Any, path: str) -> CheckpointError | None:
     """The error for a tensor / array holding NaN or inf (None if it is finite or not floating point)."""
     import numpy as np
 
-    values = torch.as_tensor(np.asarray(values)) if not isinstance(values, torch.Tensor) else values
-    if not (values.is_floating_point() or values.is_complex()) or bool(torch.isfinite(values).all()):
-        return None
-    nan = int(torch.isnan(values).sum())
-    return CheckpointError(f"{path}: tensor {name!r} holds non-finite values ({nan} NaN, "
-                           f"{values.numel() - nan - int(torch.isfinite(values).sum())} infinite of "
-                           f"{values.numel()}); refusing to load it (a corrupt file, or saved from a diverged run?)")
+    if isinstance(values, torch.Tensor):
+        if not (values.is_floating_point() or values.is_complex()) or bool(torch.isfinite(values).all()):
+            return None
+        nan, finite, total = int(torch.isnan(values).sum()), int(torch.isfinite(values).sum()), values.numel()
+    else:
+        if not np.issubdtype(values.dtype, np.inexact) or bool(np.isfinite(values).all()):
+            return None
+        nan, finite, total = int(np.isnan(values).sum()), int(np.isfinite(values).sum()), values.size
+    return CheckpointError(f"{path}: tensor {name!r} holds non-finite values ({nan} NaN, {total - nan - finite} "
+                           f"infinite of {total}); refusing to load it (a corrupt file, or saved from a diverged "
+                           f"run?)")
 
 
 def _check_finite(sd: dict[str, torch.Tensor], path: str) -> None:
