@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import os
 import re
 import sys
@@ -197,7 +198,7 @@ def _value_errors(cfg: Mapping) -> list[str]:
                for k in _PATHS if any(ord(c) < 32 or ord(c) == 127 for c in get_dotted(cfg, k))]
     errors += [f"{k}: must not be empty" for k in _NOT_EMPTY if not get_dotted(cfg, k)] + _SCHEMA.bound_errors(cfg)
     betas, warmup, epochs = cfg["optim"]["betas"], cfg["sched"]["warmup_epochs"], cfg["train"]["epochs"]
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+    if all(math.isfinite(b) for b in betas) and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
         errors.append(f"optim.betas: expected 2 floats in [0, 1), got {short_repr(list(betas))}")
     if warmup > epochs:
         errors.append(f"sched.warmup_epochs: {warmup} is more than train.epochs ({epochs})")
