@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,15 @@ import torch.nn as nn
 
 from lib.benchmark import count_flops, measure_throughput, merged_speedup, tokens_per_layer
 from lib.build import build_model
-from lib.checkpointing import atomic_write, load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state
+from lib.checkpointing import (
+    DiskFullError,
+    atomic_write,
+    is_disk_full,
+    load_run_checkpoint,
+    rng_state,
+    save_run_checkpoint,
+    set_rng_state,
+)
 from lib.config import ConfigError, config_to_dict, load_config, resolve_config, save_config
 from lib.data import DataError, build_dataset, canonical_task, check_class_counts
 from lib.distributed import all_reduce_sum, cleanup, init_distributed, is_main, select_device
@@ -38,7 +48,8 @@ from models.checkpoint import check_checkpoint_file
 from models.pyra import rename_earlier_keys
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"
-EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE = 2, 3, 4
+EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE, EXIT_NO_SPACE = 2, 3, 4, 5
+PEER_EXIT_DELAY_S = 10.0  # under torchrun, how long a process other than rank 0 waits before exiting on an error
 UNRELIABLE_SPREAD = 0.25  # per-round speed-up ratios spread wider than this: the timing is not trustworthy
 RUN_FILES = ("log.txt", "train.log", "config.yaml", "efficiency.json", "last.pth", "best.pth", "final.json")
 
@@ -178,6 +189,21 @@ def start_run(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool
     return out, lock, ckpt, changes, made
 
 
+def _kept_checkpoint(out: Path, removed: bool) -> str:
+    """What a run stopped by a non-finite loss leaves to continue from (said as it is: there may be none)."""
+    last = out / "last.pth"
+    if not last.exists():
+        gone = " (the run folder was removed)" if removed else ""
+        return f"no checkpoint was written{gone}; lower optim.lr or set optim.clip_grad and start again"
+    try:
+        ckpt = load_run_checkpoint(last)
+        where = f"epoch {ckpt['next_epoch']}, step {ckpt.get('epoch_state', {}).get('step', 0)}"
+    except CheckpointError:
+        return f"{last} exists but cannot be read"
+    return (f"{last} (from before the failure: it continues at {where}) is kept; lower optim.lr or set "
+            f"optim.clip_grad and continue with --resume auto --allow-config-change")
+
+
 def _comparable(ckpt: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run's config and ``cfg`` in the same form: resolved (what the model really has) when the
     checkpoint recorded that, so ``--config <run>/config.yaml`` resumes the run it came from."""
@@ -205,9 +231,12 @@ def train(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool = Fa
         run_dir(cfg), None, None, [], None)
     try:
         return _train(cfg, dist, device, stop, out, lock, ckpt, changes)
-    except BaseException:
-        if made is not None and not (out / "last.pth").exists():  # failed before any checkpoint: no half-made run
+    except BaseException as e:
+        removed = made is not None and not (out / "last.pth").exists()
+        if removed:  # failed before any checkpoint: no half-made run
             shutil.rmtree(made, ignore_errors=True)
+        if isinstance(e, NonFiniteLossError) and is_main():
+            raise NonFiniteLossError(f"{e}; {_kept_checkpoint(out, removed)}") from None
         raise
     finally:
         if lock is not None:
@@ -335,9 +364,9 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
                 json_log.append(record)
                 if board is not None:
                     board.append(record)
-            save(out / "last.pth", epoch + 1, epoch_state)
-            if record is not None and best["epoch"] == epoch:
-                atomic_write(out / "best.pth", lambda tmp: shutil.copyfile(out / "last.pth", tmp))
+            if record is not None and best["epoch"] == epoch:  # best.pth first: if either write fails (a full
+                save(out / "best.pth", epoch + 1, epoch_state)  # disk), last.pth still holds the epoch before,
+            save(out / "last.pth", epoch + 1, epoch_state)      # which a resumed run trains again, exactly
 
     if board is not None:
         board.close()
@@ -369,26 +398,48 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + result["signal"]  # 130 for Ctrl-C, 143 for SIGTERM: scripts can tell stopped from done
         return 0
     except DataError as e:
-        print(f"error: {e}{_demo_hint(args)}", file=sys.stderr)
+        _error(f"{e}{_demo_hint(args)}")
         return EXIT_CONFIG
     except (ConfigError, CheckpointError, RunFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_CONFIG
     except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_EXISTS
     except NonFiniteLossError as e:
-        log.error(str(e))
-        print(f"error: {e}", file=sys.stderr)
+        if is_main():
+            log.error(str(e))
+        _error(str(e))
         return EXIT_NONFINITE
+    except DiskFullError as e:  # not logged: train.log may be what could not be written
+        _error(f"{e}; free some space, then run the same command with --resume auto (it continues exactly from "
+               f"the last checkpoint)")
+        return EXIT_NO_SPACE
+    except OSError as e:  # any other write of the run (its lock file, ...) that ran out of space
+        if not is_disk_full(e):
+            raise
+        _error(f"no space left on device{f' writing {e.filename}' if e.filename else ''}; free some space, then "
+               f"run the same command with --resume auto")
+        return EXIT_NO_SPACE
     finally:
         cleanup()
 
 
+def _error(text: str) -> None:
+    """The error line on stderr, once: under torchrun / srun every process meets the same bad input, and
+    only the first prints it. The others wait a moment before exiting, so that the launcher (which stops
+    every process at the first exit) cannot stop the first before it has printed."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"error: {text}", file=sys.stderr)
+    else:
+        time.sleep(PEER_EXIT_DELAY_S)
+
+
 def _demo_hint(args: argparse.Namespace) -> str:
-    """The demo configs read data that ``python -m data.make_digits`` writes."""
-    demo_dir = DEMO_CONFIG.parent.resolve()
-    if args.config and Path(args.config).resolve().parent == demo_dir and not Path("data/demo/digits").is_dir():
+    """The demo configs read data that ``python -m data.make_digits`` writes (unless data.root points elsewhere)."""
+    demo_dir, own_root = DEMO_CONFIG.parent.resolve(), not any(o.startswith("data.root=") for o in args.overrides)
+    if (args.config and Path(args.config).resolve().parent == demo_dir and own_root
+            and not Path("data/demo/digits").is_dir()):
         return "\n(the demo data is written by: python -m data.make_digits)"
     return ""
 

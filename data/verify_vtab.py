@@ -105,7 +105,7 @@ def _read_entries(path: Path, report: Report) -> tuple[list[Entry], str] | None:
         return None
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")   # a BOM (files saved on Windows) is not part of the first path
     except UnicodeDecodeError as err:
         report.problems.append(f"{path}: not UTF-8 text ({err})")
         return None

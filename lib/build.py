@@ -54,5 +54,5 @@ def build_model(cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Mo
         if not Path(path).is_file():
             raise CheckpointError(f"model.pretrained: {path} not found (see weight/README.md for where each "
                                   f"checkpoint comes from; model.pretrained='' trains from random weights)")
-        log.info(load_checkpoint(model, path, kind="pretrained").summary())
+        log.info(load_checkpoint(model, path, kind="pretrained", allow_unused=cfg.model.allow_partial).summary())
     return model

@@ -6,10 +6,14 @@ one exactly. Everything is tensors and plain containers, so they load with ``wei
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import random
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +31,76 @@ def _current_umask() -> int:
 
 _UMASK = _current_umask()
 
-__all__ = ["atomic_write", "save_run_checkpoint", "load_run_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["DiskFullError", "is_disk_full", "reporting_full_disk", "atomic_write", "save_run_checkpoint",
+           "load_run_checkpoint", "rng_state", "set_rng_state"]
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(RuntimeError):
+    """No space left (or quota exceeded) while writing a run file; the message names it and what is intact."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` is a write refused for want of space (ENOSPC) or quota (EDQUOT)."""
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
+
+
+def _free_space(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return "unknown"
+    return f"{free / 2 ** 20:.1f} MiB" if free < 2 ** 30 else f"{free / 2 ** 30:.1f} GiB"
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: str | os.PathLike, replaced: bool = False) -> Iterator[None]:
+    """Turn a write failing for want of space into one :class:`DiskFullError` naming ``path``.
+
+    ``replaced``: the write replaces ``path`` atomically, so an existing file is untouched; otherwise
+    (an append) the file may end in a cut line, which a resumed run drops.
+    """
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        kept = ("the previous file is intact" if replaced and existed else "nothing of it was written" if replaced
+                else "its last line may be cut")
+        why = "on device" if e.errno == errno.ENOSPC else f"({os.strerror(e.errno).lower()})"
+        raise DiskFullError(f"cannot write {path}: no space left {why}, {_free_space(path)} free there; "
+                            f"{kept}") from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically replace ``path``: readers see the old file or the new one."""
+    """Call ``write(tmp_path)`` then atomically replace ``path``: readers see the old file or the new one.
+
+    Whatever fails (a kill, a full disk) leaves ``path`` as it was and no temporary file behind; a full
+    disk is a :class:`DiskFullError` naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results follow the user's umask like any file
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    with reporting_full_disk(path, replaced=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results follow the user's umask like any file
+            os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def rng_state() -> dict[str, Any]:
@@ -79,8 +129,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_run_checkpoint(path: str | os.PathLike, **payload: Any) -> None:
     """Save a run checkpoint (``model`` = trainable state dict, optimizer, ..., config) atomically."""
-    payload = {"format": OWN_FORMAT, **payload}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    buffer = io.BytesIO()   # serialised first, written by Python: a full disk is an OSError naming its errno
+    torch.save({"format": OWN_FORMAT, **payload}, buffer)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
 
 
 def load_run_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

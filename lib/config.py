@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import os
 import re
 import sys
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lib.yamlconf import ConfigError, Schema, bounded, dump_yaml, get_dotted
+from lib.yamlconf import ConfigError, Schema, bounded, dump_yaml, get_dotted, short_repr
 from lib.yamlconf import to_dict as config_to_dict
 from models.backbones import get_backbone
 
@@ -35,6 +36,7 @@ __all__ = ["Config", "ModelConfig", "PeftConfig", "MergingConfig", "DataConfig",
 class ModelConfig:
     name: str = "vit_base_patch16_224_in21k"  # a models.backbones name, or "vit" (custom sizes below)
     pretrained: str = ""                      # checkpoint path; "" = random weights (demo, tests)
+    allow_partial: bool = False               # load a pretrained file with tensors this model does not use
     img_size: int = bounded(224, 1)
     global_pool: str = ""                     # "" = the backbone's own (class token; MAE: avg)
     embed_dim: int | None = bounded(None, 1)  # sizes: None = the named backbone's own; required for "vit"
@@ -145,6 +147,13 @@ _OWNERS = {"peft.type": ("models.peft", "PEFT_TYPES"), "peft.init": ("models.pef
 _NOT_EMPTY = ("output_dir", "data.root", "data.task", "data.train_split", "data.eval_split")
 _SIZES, _CUSTOM = ("embed_dim", "depth", "num_heads", "patch_size"), "vit"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Names that become folders and pass through shell scripts: portable file-name characters only (a newline
+# in a name made scripts read a wrong line, a task with a space or "*" splits or globs in a word list, ".."
+# leaves the output folder). An experiment may also hold spaces (inside a name) and "/" (sub-folders).
+_NAME_PART = {False: re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*"),
+              True: re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.+= -]*[A-Za-z0-9_.+=-])?")}
+_FOLDER_NAMES = {"experiment": True, "data.task": False}   # key -> whether "/" and spaces are allowed
+_PATHS = ("output_dir", "data.root", "model.pretrained")    # free paths, but never control characters
 _SCHEMA = Schema(Config, runtime=["config_path"], free=["merging.r", "merging.pyra", "merging.options"])
 # r: judged by models.resolve_schedule; pyra by models.pyra.parse_pyra; options by the method's Options
 DEFAULTS: dict[str, Any] = {k: v for k, v in config_to_dict(Config()).items() if k != "config_path"}
@@ -189,7 +198,7 @@ def _merging_errors(m: Mapping) -> tuple[list[str], bool]:
     from models.reduction import REDUCTION_METHODS, check_options
     errors, pyra_on = [], False
     if not isinstance(m["options"], Mapping):
-        errors.append(f"merging.options: expected a mapping of the method's keys, got {m['options']!r}")
+        errors.append(f"merging.options: expected a mapping of the method's keys, got {short_repr(m['options'])}")
     elif m["method"] in REDUCTION_METHODS:
         try:
             check_options(m["method"], m["options"])
@@ -204,14 +213,18 @@ def _merging_errors(m: Mapping) -> tuple[list[str], bool]:
 
 def _value_errors(cfg: Mapping) -> list[str]:
     owners = _owners_loadable()
-    errors = [f"{k}: expected one of {', '.join(v or repr(v) for v in _allowed(k))}; got {get_dotted(cfg, k)!r}"
-              for k in _OWNERS if owners and get_dotted(cfg, k) not in _allowed(k)]
+    errors = [f"{k}: expected one of {', '.join(v or repr(v) for v in _allowed(k))}; got "
+              f"{short_repr(get_dotted(cfg, k))}" for k in _OWNERS if owners and get_dotted(cfg, k) not in _allowed(k)]
     if not _DEVICE.fullmatch(cfg["train"]["device"]):
-        errors.append(f"train.device: expected auto, cpu, cuda or cuda:N; got {cfg['train']['device']!r}")
+        errors.append(f"train.device: expected auto, cpu, cuda or cuda:N; got {short_repr(cfg['train']['device'])}")
+    errors += [e for k, nested in _FOLDER_NAMES.items() if get_dotted(cfg, k) for e in
+               [_name_error(k, get_dotted(cfg, k), nested)] if e]
+    errors += [f"{k}: {short_repr(get_dotted(cfg, k))} holds a control character (newline, tab, ...)"
+               for k in _PATHS if any(ord(c) < 32 or ord(c) == 127 for c in get_dotted(cfg, k))]
     errors += [f"{k}: must not be empty" for k in _NOT_EMPTY if not get_dotted(cfg, k)] + _SCHEMA.bound_errors(cfg)
     betas, warmup, epochs = cfg["optim"]["betas"], cfg["sched"]["warmup_epochs"], cfg["train"]["epochs"]
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        errors.append(f"optim.betas: expected 2 floats in [0, 1), got {list(betas)}")
+    if all(math.isfinite(b) for b in betas) and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+        errors.append(f"optim.betas: expected 2 floats in [0, 1), got {short_repr(list(betas))}")
     if warmup > epochs:
         errors.append(f"sched.warmup_epochs: {warmup} is more than train.epochs ({epochs})")
     model_errors, depth = _model_errors(cfg["model"])
@@ -223,11 +236,21 @@ def _value_errors(cfg: Mapping) -> list[str]:
         try:
             per_layer = resolve_schedule(r, cfg["model"]["name"], depth)
         except (ValueError, TypeError) as e:
-            per_layer, errors = None, errors + [f"merging.r: {e}"]
+            per_layer, errors = None, errors + [f"merging.r: {e}"]   # ConfigError cuts a long line
         if pyra_on and per_layer is not None and not any(per_layer):
-            errors.append(f"merging.pyra: PYRA needs token merging, but merging.r is {r!r} (no token is merged); "
-                          "set merging.r or merging.pyra: false")
+            errors.append(f"merging.pyra: PYRA needs token merging, but merging.r is {short_repr(r)} (no token is "
+                          "merged); set merging.r or merging.pyra: false")
     return errors + model_errors
+
+
+def _name_error(key: str, name: str, nested: bool) -> str | None:
+    """Why ``name`` cannot be the folder name ``key`` gives (None: it can)."""
+    parts = name.split("/") if nested else [name]
+    if all(_NAME_PART[nested].fullmatch(part) and len(part.encode()) <= 255 for part in parts):
+        return None
+    allowed = (f"letters, digits and _ . + = -{' and inner spaces' if nested else ''}, starting with a letter, "
+               f"digit or _, at most 255 per name" + (", sub-folders separated by /" if nested else ""))
+    return f"{key}: {short_repr(name)} cannot name a folder: use {allowed}"
 
 
 def validate_config(cfg: Config | Mapping) -> None:
@@ -252,7 +275,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     """
     data = _SCHEMA.layers(DEFAULTS, path, overrides)
     validate_config(data)
-    data["experiment"] = data["experiment"] or _experiment_name(path)
+    if not data["experiment"]:
+        data["experiment"] = _experiment_name(path)
+        error = _name_error("experiment", data["experiment"], nested=True)
+        if error:
+            raise ConfigError(f"{error} (derived from the config path {short_repr(str(path))}; set experiment=NAME)")
     return _SCHEMA.build({**data, "config_path": str(path) if path is not None else ""})
 
 

@@ -75,7 +75,7 @@ def _read_classes(root: PathLike, task: str) -> list[str] | None:
     for path in task_dir_candidates(root, task):
         names = path / "classes.txt"
         if names.is_file():
-            return [line.strip() for line in names.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [line.strip() for line in _read_text(names).splitlines() if line.strip()]
     return None
 
 
@@ -85,16 +85,39 @@ def _read_list(path: PathLike) -> list[tuple[int, str, int]]:
     if not path.is_file():
         raise DataError(f"list file not found: {path}. Expected layout: {EXPECTED_LAYOUT}")
     entries: list[tuple[int, str, int]] = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rel, label = parse_list_line(line)
-            except ValueError as err:
-                raise DataError(f"{path}:{lineno}: malformed line {line.rstrip()!r}: {err}") from None
-            entries.append((lineno, rel, label))
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rel, label = parse_list_line(line)
+        except ValueError as err:
+            raise DataError(f"{path}:{lineno}: malformed line {line.rstrip()[:80]!r}: {err}") from None
+        entries.append((lineno, rel, label))
     return entries
+
+
+def _read_text(path: Path) -> str:
+    """A list file's text: UTF-8, a leading BOM (files saved on Windows) dropped rather than read as a path."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+
+
+def _outside(task_dir: Path, real_task_dir: str, rel: str) -> str | None:
+    """Why list entry ``rel`` does not name a file inside the task folder (None when it does).
+
+    Every path must stay in the task folder: an absolute path, ``..`` or a symlink pointing out could
+    otherwise put another split's (e.g. a test) image into training.
+    """
+    if os.path.isabs(rel):
+        return "is an absolute path"
+    if os.path.normpath(rel).split(os.sep)[0] == os.pardir:
+        return "goes up out of the task folder (..)"
+    real = os.path.realpath(os.path.join(task_dir, rel))
+    if os.path.commonpath([real, real_task_dir]) != real_task_dir:
+        return f"is a symlink (or passes one) pointing outside the task folder, to {real}"
+    return None
 
 
 def read_list_file(path: PathLike) -> list[tuple[str, int]]:
@@ -180,6 +203,12 @@ class ImageListDataset(torch.utils.data.Dataset):
                 raise DataError(f"{self.list_path}:{lineno}: label {label} outside [0, {self.num_classes}) "
                                 f"for task {task!r} with {self.num_classes} classes")
 
+        real_task_dir = os.path.realpath(self.task_dir)
+        for lineno, rel, _ in entries:
+            why = _outside(self.task_dir, real_task_dir, rel)
+            if why is not None:
+                raise DataError(f"{self.list_path}:{lineno}: {rel[:120]!r} {why}; every path must be relative to the "
+                                f"task folder {self.task_dir} and stay inside it")
         samples = [(lineno, os.path.join(self.task_dir, rel), label) for lineno, rel, label in entries]
         self.skipped = 0
         if skip_bad_images:

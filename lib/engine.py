@@ -47,7 +47,7 @@ def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; training stops and the last good checkpoint is kept."""
+    """The loss became NaN/inf; training stops (train.py says which checkpoint, if any, is kept)."""
 
 
 def _progress(loader: DataLoader, total: int, desc: str):
@@ -81,8 +81,7 @@ def train_one_epoch(
         with autocast_ctx(device, precision):
             loss = F.cross_entropy(model(images), targets)
         if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {state.step}; "
-                                     f"stopping (the last good checkpoint is kept)")
+            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {state.step}; stopping")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

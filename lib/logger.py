@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .checkpointing import atomic_write
+from .checkpointing import atomic_write, is_disk_full, reporting_full_disk
 
 __all__ = ["setup_logger", "JsonLog", "TensorBoardLog"]
 
@@ -26,10 +26,22 @@ def setup_logger(log_file: Path | None, main_process: bool = True) -> logging.Lo
         logger.addHandler(console)
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            file = logging.FileHandler(log_file)
+            file = _RunLogHandler(log_file)
             file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             logger.addHandler(file)
     return logger
+
+
+class _RunLogHandler(logging.FileHandler):
+    """``train.log``: a full disk stops the run with one line naming the file (logging's default prints a
+    traceback per record and goes on without the log)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if is_disk_full(error):
+            with reporting_full_disk(self.baseFilename):
+                raise error
+        super().handleError(record)
 
 
 class JsonLog:
@@ -39,7 +51,7 @@ class JsonLog:
         self.path = path
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
+        with reporting_full_disk(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -15,7 +15,7 @@ __all__ = ["RunFolderError", "RunLock", "check_writable", "config_changes", "NEU
 
 # Keys that cannot change a run's results: they may differ freely between a run and its resumption.
 NEUTRAL_KEYS = ("experiment", "output_dir", "config_path", "data.root", "data.num_workers", "train.eval_batch_size",
-                "train.device", "report", "log")
+                "train.device", "report", "log", "model.allow_partial")
 
 
 class RunFolderError(RuntimeError):

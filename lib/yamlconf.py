@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
+import reprlib
 import sys
 import types
 import typing
@@ -19,14 +21,31 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "Schema", "bounded", "to_dict", "get_dotted", "parse_yaml", "dump_yaml"]
+__all__ = ["ConfigError", "Schema", "bounded", "to_dict", "get_dotted", "parse_yaml", "dump_yaml", "short_repr",
+           "MAX_YAML_NODES"]
+
+MAX_YAML_NODES = 10_000     # values a config may hold once its aliases are expanded (a real one has a few hundred)
+_MAX_LINE = 400             # characters an error line may show before it is cut
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 3, 4, 8, 8, 60, 60
+
+
+def short_repr(value: Any, width: int = 80) -> str:
+    """``repr`` cut to a glance (nesting, items and length bounded): an error never prints a whole structure."""
+    text = _REPR.repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _clip(line: str) -> str:
+    return line if len(line) <= _MAX_LINE else f"{line[:_MAX_LINE]}... ({len(line) - _MAX_LINE} more characters)"
 
 
 class ConfigError(ValueError):
     """A config problem; the message names the file and/or dotted key and what was expected."""
 
     def __init__(self, errors: str | list[str]):
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        errors = [errors] if isinstance(errors, str) else list(errors)
+        self.errors = ["\n".join(_clip(line) for line in str(e).split("\n")) for e in errors]
         super().__init__(self.errors[0] if len(self.errors) == 1 else
                          f"{len(self.errors)} config errors:\n  - " + "\n  - ".join(self.errors))
 
@@ -57,9 +76,47 @@ class _Loader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, str) and key in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
+                    "while constructing a mapping", node.start_mark, f"duplicate key {short_repr(key)}",
+                    key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand it beyond ``MAX_YAML_NODES`` values, or refer to themselves.
+
+    PyYAML shares an aliased node rather than copying it, but everything that walks the result (merging,
+    checking, printing) sees each alias expanded: nine nested aliases make a 1 KB file a billion values.
+    The count is memoised per node, so the check itself stays linear in the file.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise yaml.constructor.ConstructorError(None, None, "an alias refers to the value that contains it "
+                                                    "(a recursive structure)", node.start_mark)
+        open_nodes.add(id(node))
+        children = ([part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else
+                    node.value if isinstance(node, yaml.SequenceNode) else [])
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_NODES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"its aliases expand it to more than {MAX_YAML_NODES} values (an alias bomb?); "
+                    "write the values out", root.start_mark)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
 
 
 _BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
@@ -89,6 +146,8 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}{line}: invalid YAML: {e.problem or e.context}{where}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
 
 
 def dump_yaml(data: Any) -> str:
@@ -148,7 +207,7 @@ class Schema:
         ``complete``, missing keys and runtime keys that are not strings)."""
         at = f"{where}: " if where else ""
         if not isinstance(tree, Mapping):
-            return [f"{at}{prefix.rstrip('.') or 'config'}: expected a mapping, got {tree!r}"]
+            return [f"{at}{prefix.rstrip('.') or 'config'}: expected a mapping, got {short_repr(tree)}"]
         errors = []
         for key, value in tree.items():
             dotted = f"{prefix}{key}"
@@ -159,25 +218,30 @@ class Schema:
                 if not ((value is None and nullable) or (value is not None and _is(value, kind))):
                     name = {bool: "bool", int: "int", float: "float (or int)", str: "str"}.get(kind)
                     name = (name or f"a list of {typing.get_args(kind)[0].__name__}") + (" or null" if nullable else "")
-                    errors.append(f"{at}{dotted}: expected {name}, got {value!r}")
+                    errors.append(f"{at}{dotted}: expected {name}, got {short_repr(value)}")
             elif dotted not in self.leaves and not (complete and dotted in self.runtime):
-                errors.append(f"{at}unknown key {dotted!r}{self.suggest(dotted)}")
+                errors.append(f"{at}unknown key {short_repr(dotted)}{self.suggest(dotted)}")
         if complete:
             errors += [f"missing key {k!r}" for k in self.keys
                        if k.rpartition(".")[0] == prefix[:-1] and k[len(prefix):] not in tree]
-            errors += [f"{k}: expected str, got {tree[k]!r}" for k in self.runtime
+            errors += [f"{k}: expected str, got {short_repr(tree[k])}" for k in self.runtime
                        if not prefix and not isinstance(tree.get(k, ""), str)]
         return errors
 
     def bound_errors(self, tree: Mapping) -> list[str]:
-        """Values outside the ranges of ``bounded`` fields (tested positively, so NaN fails too)."""
+        """Non-finite numbers in any numeric key, and values outside the ranges of ``bounded`` fields
+        (tested positively, so NaN fails them too)."""
         errors = []
         for key, (_, bounds) in self.keys.items():
             value, (low, strict, high) = get_dotted(tree, key), bounds or (None, False, None)
-            if low is not None and value is not None and not (
+            rng = "" if low is None else f"{'>' if strict else '>='} {low}" + (f" and < {high}" if high is not None
+                                                                                  else "")
+            numbers = value if isinstance(value, (list, tuple)) else [value]
+            if key not in self.free and any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                errors.append(f"{key}: must be a finite number{' ' + rng if rng else ''}, got {short_repr(value)}")
+            elif low is not None and value is not None and not (
                     (value > low if strict else value >= low) and (high is None or value < high)):
-                rng = f"{'>' if strict else '>='} {low}" + (f" and < {high}" if high is not None else "")
-                errors.append(f"{key}: must be {rng}, got {value!r}")
+                errors.append(f"{key}: must be {rng}, got {short_repr(value)}")
         return errors
 
     def merge(self, base: Mapping, over: Mapping, prefix: str = "") -> dict:
@@ -193,17 +257,15 @@ class Schema:
         path = Path(os.path.normpath(path.absolute()))
         if path in chain:
             raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(map(str, chain + (path,)))}")
-        if not path.is_file():
-            by = f" (listed in _base_ of {chain[-1]})" if chain else ""
-            raise ConfigError(f"{path}: config file not found{by}")
-        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+        data = parse_yaml(_read_text(path, chain), str(path))
         if not isinstance(data, dict | None):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
         data = data or {}
         bases = data.pop("_base_", [])
         bases = [bases] if isinstance(bases, str) else bases
         if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
-            raise ConfigError(f"{path}: _base_ must be a path or a list of paths relative to this file, got {bases!r}")
+            raise ConfigError(f"{path}: _base_ must be a path or a list of paths relative to this file, "
+                              f"got {short_repr(bases)}")
         errors = self.structure_errors(data, str(path))
         if errors:
             raise ConfigError(errors)
@@ -215,14 +277,21 @@ class Schema:
     def parse_override(self, text: str) -> dict:
         """'a.b=value' -> {'a': {'b': value}}; the value is YAML, except that str keys keep the raw text."""
         key, sep, raw = (part.strip() for part in text.partition("="))
+        where = f"override {short_repr(text)}"
         if not sep or not key:
-            raise ConfigError(f"override {text!r}: expected dotted.key=value")
-        value = parse_yaml(raw, f"override {text!r}") if raw else ""
-        if key in self.leaves and self.kind(key)[0] is str and value is not None:
+            raise ConfigError(f"{where}: expected dotted.key=value")
+        text_key = key in self.leaves and self.kind(key)[0] is str
+        try:
+            value = parse_yaml(raw, where) if raw else ""
+        except ConfigError:
+            if not text_key:
+                raise
+            value = raw  # not YAML, but a str key takes it as it is (its checks judge it)
+        if text_key and value is not None:
             value = raw  # e.g. data.task=2024 stays the string "2024"
         for part in reversed(key.split(".")):
             value = {part: value}
-        errors = self.structure_errors(value, f"override {text!r}")
+        errors = self.structure_errors(value, where)
         if errors:
             raise ConfigError(errors)
         return value
@@ -248,6 +317,27 @@ class Schema:
             values[name] = (self.build(value, self.sections[key], key + ".") if key in self.sections else float(value)
                             if kind is float else [float(v) for v in value] if kind == list[float] else value)
         return (cls or self.root)(**values)
+
+
+def _read_text(path: Path, chain: tuple[Path, ...]) -> str:
+    """A config file's text; what cannot be one (missing, a directory, binary, not UTF-8) is one line naming it."""
+    by = f" (listed in _base_ of {chain[-1]})" if chain else ""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file{by}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found{by}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file{by}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")   # a BOM (editors on Windows) is not part of the first key
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{raw[e.start]:02x} at offset {e.start}){by}; "
+                          f"a config is YAML text in UTF-8 (a binary file, or another encoding?)") from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: a binary file (it holds NUL bytes), not a YAML config{by}")
+    return text
 
 
 def get_dotted(tree: Mapping, dotted: str) -> Any:

@@ -28,6 +28,7 @@ resolve_config() {
 #   2. TASKS canonicalised (task folder names as train.py writes them)
 #   3. "task:spelling,spelling ..." - every folder name a run of a task may have
 #   4. the config's seed (the default of SEEDS)
+#   5. the config's train.batch_size (the global batch, which NPROC processes must divide)
 # A bad config or override fails here with exit code 2, before anything runs.
 resolve_runs() {
     local name="$1" config="$2" tasks="$3"
@@ -61,6 +62,7 @@ print(" ".join(canonical_task(t) for t in tasks))
 spellings = sorted({canonical_task(t) for t in tasks + os.environ["ALL_TASKS"].split()})
 print(" ".join(f"{t}:" + ",".join([t] + [a for a, c in TASK_ALIASES.items() if c == t]) for t in spellings))
 print(cfg.seed)
+print(cfg.train.batch_size)
 PY
 }
 
@@ -90,4 +92,14 @@ check_seeds() {
         fi
         seen+="$seed "
     done
+}
+
+# check_nproc SCRIPT NPROC BATCH: fail (exit code 2) unless NPROC processes can share the global batch BATCH
+# (checked before launching: under torchrun every process would fail on it, each printing the error).
+check_nproc() {
+    if (( $3 % $2 )); then
+        echo "$1: NPROC=$2 does not divide train.batch_size=$3 (the global batch; each of the $2 processes" \
+             "takes batch / $2): choose NPROC among the divisors of $3" >&2
+        return 2
+    fi
 }

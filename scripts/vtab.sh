@@ -12,7 +12,8 @@
 #                          config's seed (no seed= override added)
 #   GPU=N                  use GPU N (sets CUDA_VISIBLE_DEVICES unless that is already set)
 #   CUDA_VISIBLE_DEVICES   honoured as is
-#   NPROC=K                K>1: K processes on K GPUs with torchrun (torch.distributed.run)
+#   NPROC=K                K>1: K processes on K GPUs with torchrun (torch.distributed.run); K must
+#                          divide train.batch_size (checked before launching)
 #   PYTHON                 interpreter (default: python, else python3)
 # Exit code: 0 when every seed finished (or was finished already), 1 when a seed failed or stopped
 # early, 2 for bad usage or config, 130 when interrupted. With one seed to train, train.py replaces
@@ -96,6 +97,7 @@ exp_dir="$(sed -n 1p <<<"$resolved")"
 canonical="$(sed -n 2p <<<"$resolved")"
 spellings="$(sed -n 3p <<<"$resolved")"
 seeds=(${SEEDS:-$(sed -n 4p <<<"$resolved")})
+check_nproc vtab.sh "$NPROC" "$(sed -n 5p <<<"$resolved")" || exit 2
 if [[ -n "$resume_path" && ${#seeds[@]} -gt 1 ]]; then
     echo "vtab.sh: --resume $resume_path names one checkpoint; it cannot resume ${#seeds[@]} seeds" >&2
     exit 2

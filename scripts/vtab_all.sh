@@ -96,6 +96,9 @@ exp_dir="$(sed -n 1p <<<"$resolved")"
 selected="$(sed -n 2p <<<"$resolved")"
 spellings="$(sed -n 3p <<<"$resolved")"
 seeds=(${SEEDS:-$(sed -n 4p <<<"$resolved")})
+if [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]]; then   # once here, not per task (vtab.sh refuses a malformed NPROC)
+    check_nproc vtab_all.sh "${NPROC:-1}" "$(sed -n 5p <<<"$resolved")" || exit 2
+fi
 
 if [[ -n "${TASKS:-}" ]]; then
     read -r -a tasks <<<"$selected"
