@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from .engine import autocast_ctx
 
-__all__ = ["sdpa_flop_jit", "fvcore_analysis", "count_flops", "time_fn", "measure_throughput", "merged_speedup",
-           "tokens_per_layer"]
+__all__ = ["sdpa_flop_jit", "fvcore_analysis", "count_flops", "synchronize", "time_fn", "measure_throughput",
+           "merged_speedup", "tokens_per_layer"]
 
 
 def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
@@ -62,7 +62,8 @@ def count_flops(model: nn.Module, img_size: int = 224, device: torch.device | No
         return int(analysis.total())
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -73,13 +74,13 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, runs: 
     ``warmup`` untimed ones; on CUDA each call is closed by a synchronisation, so it times the kernels."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < runs or time.perf_counter() - start_all < min_seconds:
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 

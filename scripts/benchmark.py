@@ -55,7 +55,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
-from lib.benchmark import fvcore_analysis, time_fn  # noqa: E402
+from lib.benchmark import fvcore_analysis, synchronize, time_fn  # noqa: E402
 from lib.build import build_model  # noqa: E402
 from lib.config import load_config  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
@@ -166,7 +166,7 @@ def sdpa_backends(fn: Callable[[], Any], device: torch.device) -> list[str]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
-        _sync(device)
+        synchronize(device)
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     return [_SDPA_BACKENDS[e.name] for e in events if e.name in _SDPA_BACKENDS]
 
@@ -205,19 +205,14 @@ def end_to_end_images_per_s(model: Callable[[torch.Tensor], Any], loader: Any, d
         for batch, _ in loader:
             model(batch.to(device, non_blocking=True))
             if timed is None:   # the first batch: the clock starts when it is done
-                _sync(device)
+                synchronize(device)
                 timed = time.perf_counter()
             else:
                 images += len(batch)
-        _sync(device)
+        synchronize(device)
     if images == 0:
         raise ValueError("end-to-end timing needs a loader of at least two batches")
     return {"images_per_s": images / (time.perf_counter() - timed), "first_batch_s": timed - start, "images": images}
-
-
-def _sync(device: torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _commit() -> str:
@@ -482,40 +477,44 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     ref_cfg = load_setting_config(args, REFERENCE)
-    img_size, settings = ref_cfg.model.img_size, _settings(args.settings)
-    has_lora = any(n.endswith("lora_down.weight") for n, _ in build(args, REFERENCE, device).named_parameters())
-    args.variants = _variants(args, settings, has_lora)
-    prepared = prepare(args, settings, device, img_size)
-    env = environment(args, device)
+    settings = _settings(args.settings)
+    args.variants = _variants(args, settings, has_lora=ref_cfg.peft.type == "lora")
     args.e2e_workers = ref_cfg.data.num_workers if args.workers is None else args.workers
     args.e2e_timed = max(args.e2e_batches, 4 * args.e2e_workers + 1)   # the workers prefetch 2 batches each
-    rows, peaks, loads = [], {}, {}
+    prepared = prepare(args, settings, device, ref_cfg.model.img_size)
+    env, rows, peaks, loads = environment(args, device), [], {}, {}
     with tempfile.TemporaryDirectory(prefix="pyra_bench_") as tmp:
-        e2e_root = None if args.no_e2e else Path(tmp)
-        if e2e_root is not None:
-            write_vtab_images(e2e_root, E2E_TASK, max(args.batch_sizes) * (1 + args.e2e_timed), args.num_classes,
-                              (args.e2e_image_size,) * 2, ref_cfg.seed)
+        e2e_root = None if args.no_e2e else write_vtab_images(
+            Path(tmp), E2E_TASK, max(args.batch_sizes) * (1 + args.e2e_timed), args.num_classes,
+            (args.e2e_image_size,) * 2, ref_cfg.seed).parent
         for bs in args.batch_sizes:
-            batch_rows, peaks[str(bs)], loads[str(bs)] = measure_batch(args, prepared, bs, img_size, device, e2e_root)
+            batch_rows, peaks[str(bs)], loads[str(bs)] = measure_batch(args, prepared, bs, ref_cfg.model.img_size,
+                                                                       device, e2e_root)
             rows += batch_rows
     env.update(peak_gflops=statistics.median(p for ps in peaks.values() for p in ps) / 1e9,
                peak_gflops_rounds={bs: [p / 1e9 for p in ps] for bs, ps in peaks.items()}, load_avg_rounds=loads)
-    curve: dict[str, dict[str, list]] = {}
-    for row in rows:
-        entry = curve.setdefault(row["label"], {"batch_sizes": [], "ratio_to_none": [], "images_per_s": []})
-        for key in ("batch_size", "ratio_to_none", "images_per_s"):
-            entry["batch_sizes" if key == "batch_size" else key].append(row[key])
-    config = dict(config=str(args.config), overrides=list(args.overrides), model=ref_cfg.model.name,
-                  peft=ref_cfg.peft.type, num_classes=args.num_classes, img_size=img_size,
-                  batch_sizes=list(args.batch_sizes), rounds=args.rounds, runs_per_round=args.runs,
-                  train_runs_per_round=args.train_runs, fold=args.fold, compile=args.compile,
-                  attention=list(args.attention), train=not args.no_train, end_to_end=not args.no_e2e,
-                  e2e_workers=None if args.no_e2e else args.e2e_workers,
-                  e2e_timed_batches=None if args.no_e2e else args.e2e_timed,
-                  e2e_image_size=args.e2e_image_size, pretrained=args.pretrained,
-                  command=" ".join(["python scripts/benchmark.py", *args.argv]),
-                  timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
-    return dict(env=env, config=config, results=rows, speedup_curve=curve)
+    return dict(env=env, config=record_config(args, ref_cfg), results=rows, speedup_curve=speedup_curve(rows))
+
+
+def speedup_curve(rows: list[dict[str, Any]]) -> dict[str, dict[str, list]]:
+    """Per variant: its batch sizes with the ratio to none and images/s at each (the plot's data)."""
+    fields = (("batch_sizes", "batch_size"), ("ratio_to_none", "ratio_to_none"), ("images_per_s", "images_per_s"))
+    return {label: {name: [r[key] for r in rows if r["label"] == label] for name, key in fields}
+            for label in dict.fromkeys(r["label"] for r in rows)}
+
+
+def record_config(args: argparse.Namespace, ref_cfg: Any) -> dict[str, Any]:
+    """What was measured and how: the model, the options, the command line and when."""
+    e2e = not args.no_e2e
+    return dict(config=str(args.config), overrides=list(args.overrides), model=ref_cfg.model.name,
+                peft=ref_cfg.peft.type, num_classes=args.num_classes, img_size=ref_cfg.model.img_size,
+                batch_sizes=list(args.batch_sizes), rounds=args.rounds, runs_per_round=args.runs,
+                train_runs_per_round=args.train_runs, fold=args.fold, compile=args.compile,
+                attention=list(args.attention), train=not args.no_train, end_to_end=e2e,
+                e2e_workers=args.e2e_workers if e2e else None, e2e_timed_batches=args.e2e_timed if e2e else None,
+                e2e_image_size=args.e2e_image_size, pretrained=args.pretrained,
+                command=" ".join(["python scripts/benchmark.py", *args.argv]),
+                timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
 
 
 def plot_curve(report: dict[str, Any], path: Path) -> Path:
