@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU speed records (ViT-B/16 + LoRA 8), in parts that each take well under ten minutes on one GPU:
+# The GPU speed records (ViT-B/16 + LoRA 8), in parts sized to fit ten minutes each on one GPU (estimated):
 #
 #   bash scripts/speed_gpu.sh PART ...      PART: eager-bf16 eager-fp32 compile-high-bf16 compile-high-fp32
 #                                                 compile-low-bf16 compile-low-fp32 curve-bf16 | all
