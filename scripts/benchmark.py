@@ -1,51 +1,30 @@
 #!/usr/bin/env python
-"""Speed, FLOPs, memory and hardware efficiency of the merging settings, all in one process, with the record.
+"""Speed, FLOPs, efficiency, training step and memory of the merging settings, in one process, as a JSON record.
 
 Usage::
 
     python scripts/benchmark.py [--config configs/vit_b16/lora_none.yaml] [key=value ...]
-        [--settings none tome_low tome_high pyra_low pyra_high] [--batch-sizes 1 8 32 64 256]
-        [--device cpu|cuda] [--precision fp32|bf16|fp16] [--threads N] [--rounds 3]
+        [--settings none tome_low tome_high pyra_low pyra_high] [--batch-sizes 1 8 64 256]
+        [--device cpu|cuda] [--precision fp32|bf16|fp16] [--threads N] [--rounds 3] [--runs 3]
         [--fold both|no|yes] [--compile off on frozen | both] [--attention mask feature]
-        [--no-train] [--no-e2e] [--workers N] [--json PATH] [--plot PATH] [--profile [DIR]]
+        [--no-train] [--no-e2e] [--workers N] [--json PATH] [--plot PATH]
 
-Every model is built by the project's one build path, ``lib.build.build_model(cfg, num_classes)``, from
-the config (``lib.config.load_config``) plus the ``key=value`` overrides, with each setting applied as
-the overrides ``merging.r`` / ``merging.pyra`` of ``models.backbones.MERGING_SETTINGS`` ("none" is
-shown as "plain"). Weights are the config's seed's random ones unless ``--pretrained`` (speed does not
-depend on them). Variants: LoRA as is and folded into qkv (``--fold``), eager and ``torch.compile``
-(``--compile``; ``frozen`` compiles with inductor's ``freezing``: weights become constants of the graph,
-folded and, on CPU, pre-packed for MKL, which is valid for inference only; the compile time is reported
-apart from the steady-state speed), and the two forms of
-proportional attention (``--attention``: ``log(size)`` as an SDPA mask or as an extra head feature).
+Every model comes from ``lib.build.build_model`` (the config plus the overrides, each setting being the
+``merging.r`` / ``merging.pyra`` overrides of a row of ``models.backbones.MERGING_SETTINGS``), with the
+seed's random weights unless ``--pretrained``. Variants: LoRA as is and folded (``--fold``), eager and
+``torch.compile`` (``frozen``: inductor's freezing, inference only), and the two forms of proportional
+attention (``--attention``, ``models.vit.set_size_bias``).
 
-For every batch size, inference and training are timed round-robin over the variants for several
-rounds, so that drift of the machine hits all of them alike; the reported time is the median over all
-timed runs, and ratios to plain and efficiencies are medians of per-round pairs: against the plain run
-of the same round, and against the mean of the matmul peaks measured right before and right after the
-variant's own timing (the speed of a shared machine drifts within a round; each row keeps its peaks in
-``peak_gflops_rounds`` and the two sides in ``peak_gflops_bracket_rounds``). The load average is
-recorded every round. Then each variant runs once through the project's own data path
-(``lib.data.build_dataset`` → ``lib.loaders.build_eval_loader`` with its workers: JPEG decode, bicubic
-resize, normalise, then the model) on JPEGs the harness writes in the VTAB-1k layout:
-``end_to_end_images_per_s``, next to the model-only ``images_per_s`` on a tensor already in memory.
-
-FLOPs for one image, three ways (``lib.benchmark.flop_counts``): fvcore as a user runs it
-(multiply-adds), ``FlopCounterMode`` (FLOPs, two per multiply-add), and the attention multiply-adds
-that the fused CPU kernel hides from both; ``flops`` = fvcore + attention is what the efficiency
-column uses: ``2 · flops · images/s ÷ matmul peak``. On every device the SDPA backend each layer ran
-(flash, memory-efficient, math, "flash (cpu)") is read from the profiler.
-
-Training memory is the peak growth over the built model during a few optimizer steps:
-``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak resident set (``VmHWM``) of a fresh
-subprocess per variant. Folded and compiled rows have no training numbers (folding is an inference
-transform; compilation is measured for inference).
-
-CPU allocator (``--allocator tuned``, the default): glibc keeps freed blocks for reuse instead of
-unmapping them and, run as a script, the heap sits on transparent huge pages (the script restarts
-itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``). ``--allocator default`` measures glibc as it
-comes. The JSON records which one ran (``env.allocator``). ``scripts/speed_table.py`` turns the JSON
-into README's Speed table.
+Per batch size, the variants are timed round-robin (each round opens with one large-GEMM peak, and the order
+rotates), so drift of the machine hits all alike: images/s is the median of all timed batches; ``× none`` and
+efficiency (2 × FLOPs × images/s ÷ the round's peak) are medians of per-round values. Then each variant runs
+through the project's eval data path on JPEGs written in the VTAB-1k layout (end-to-end images/s, timed over at
+least 4 × workers + 1 batches so the batches prefetched before timing are a minority). Compiled variants are
+compiled after ``torch._dynamo.reset()``; their compile time is the first call minus the steady state.
+Training (unfolded, eager): one AdamW step per round, and its peak memory (CUDA: ``max_memory_allocated``;
+CPU: peak resident-set growth of a fresh subprocess). FLOPs: fvcore (multiply-adds), FlopCounterMode
+(2 per multiply-add) and the attention hidden from both inside the fused kernel. SDPA backends come from the
+profiler. ``scripts/speed_table.py`` turns the record into tables.
 """
 from __future__ import annotations
 
@@ -55,14 +34,14 @@ import datetime
 import json
 import os
 import platform
-import shutil
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,80 +52,218 @@ if str(ROOT) not in sys.path:
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
-from lib.benchmark import (  # noqa: E402
-    autocast_ctx,
-    device_name,
-    efficiency,
-    end_to_end_images_per_s,
-    flop_counts,
-    flops_by_block,
-    linear_replay,
-    make_train_step,
-    matmul_peak,
-    peak_memory_mb,
-    profile_table,
-    sdpa_backends,
-    time_blocks,
-    time_fn,
-    tokens_per_layer,
-    tune_cpu_allocator,
-    write_vtab_images,
-)
+from lib.benchmark import fvcore_analysis, synchronize, time_fn  # noqa: E402
 from lib.build import build_model  # noqa: E402
 from lib.config import load_config  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
 from lib.distributed import DistInfo  # noqa: E402
-from lib.engine import PRECISIONS  # noqa: E402
+from lib.engine import PRECISIONS, autocast_ctx  # noqa: E402
 from lib.loaders import build_eval_loader  # noqa: E402
 from models import fold_lora  # noqa: E402
 from models.backbones import MERGING_SETTINGS  # noqa: E402
-from models.pyra import PYRA  # noqa: E402
-from models.vit import any_pyra, set_size_bias  # noqa: E402
+from models.vit import set_size_bias  # noqa: E402
 
-__all__ = ["Variant", "setting_overrides", "load_setting_config", "build", "run_benchmark", "format_table",
-           "plot_curve", "parse_args", "main", "ROW_FIELDS", "ENV_FIELDS"]
-
-REFERENCE = "none"                 # the setting every ratio is taken against (its plain, eager, unfolded run)
-DISPLAY = {"none": "plain"}        # display names; the rest are MERGING_SETTINGS' keys
+REFERENCE = "none"   # every ratio is taken against this setting's eager, unfolded run of the same round
 DEFAULT_CONFIG = "configs/vit_b16/lora_none.yaml"
 E2E_TASK = "benchmark_images"
-DISTURBED = 0.10  # relative spread of the per-round medians above which a row is flagged
-HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on the heap
-
-# The record of every row and of the environment (issue 14): field -> JSON type(s) (None: null allowed).
-ROW_FIELDS: dict[str, tuple] = {
+DISTURBED = 0.10     # relative spread of the per-round medians above which a row is flagged
+ROW_FIELDS: dict[str, tuple] = {   # field -> JSON type(s) of every row (None: null allowed)
     "setting": (str,), "batch_size": (int,), "images_per_s": (float,), "end_to_end_images_per_s": (float, None),
     "fvcore_flops": (int,), "torch_flops": (int,), "train_step_s": (float, None), "peak_mem_mb": (float, None),
+    "compile_s": (float, None), "efficiency": (float,), "ratio_to_none": (float,),
 }
 ENV_FIELDS: dict[str, tuple] = {
-    "device": (str,), "torch": (str,), "timm": (str,), "threads": (int,), "precision": (str,),
-    "allocator": (str,), "commit": (str,),
+    "device": (str,), "torch": (str,), "timm": (str,), "threads": (int,), "precision": (str,), "commit": (str,),
+    "float32_matmul_precision": (str,), "cuda_matmul_allow_tf32": (bool,), "cudnn_allow_tf32": (bool,),
+}
+_SDPA_BACKENDS = {   # profiler event -> the kernel scaled_dot_product_attention dispatched to
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_attention_math": "math",
 }
 
 
+# ------------------------------------------------------------------------------------------ measurements
+def flop_counts(model: nn.Module, img_size: int, device: torch.device | None = None) -> dict[str, Any]:
+    """One image, three ways: fvcore as a user runs it (multiply-adds, ``fvcore_flops``), the attention
+    multiply-adds of fused SDPA calls that it does not see (``attention_macs``), and FlopCounterMode's total
+    (``torch_flops``, 2 per multiply-add, no LayerNorm; ``torch_counts_attention``: whether it saw the kernel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with fvcore_analysis(model, img_size, device) as (analysis, x):
+        total = int(analysis.total())
+        attention = int(analysis.by_operator().get("scaled_dot_product_attention", 0))
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    ops = {str(op) for op in counter.get_flop_counts().get("Global", {})}
+    return dict(fvcore_flops=total - attention, attention_macs=attention, torch_flops=int(counter.get_total_flops()),
+                torch_counts_attention=any("attention" in op for op in ops))
+
+
+def matmul_peak(device: torch.device, size: int, dtype: torch.dtype | None = None, runs: int = 3) -> float:
+    """FLOP/s (2·n³ per product) of an n×n GEMM in ``dtype`` (None: fp32): the practical peak."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype or torch.float32) for _ in range(2))
+    return 2.0 * size ** 3 / statistics.median(time_fn(lambda: torch.mm(a, b), device, warmup=1, runs=runs))
+
+
+def efficiency(flops: float, images_per_s: float, peak_flops: float) -> float:
+    """``2 · multiply-adds · images/s ÷ peak FLOP/s`` (the peak counts a multiply-add as two FLOPs)."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be positive, got {peak_flops}")
+    return 2.0 * flops * images_per_s / peak_flops
+
+
+def make_train_step(model: nn.Module, batch_size: int, num_classes: int, img_size: int, device: torch.device,
+                    precision: str = "fp32") -> Callable[[], None]:
+    """One AdamW step (trainable parameters only) on a fixed random batch: forward, cross-entropy, backward."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    y = torch.randint(num_classes, (batch_size,), device=device)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_ctx(device, precision):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _proc_status_kb(field_name: str) -> int:
+    text = Path("/proc/self/status").read_text(encoding="ascii")
+    return int(re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    """Peak memory growth (MiB) while ``fn`` runs. CUDA: tensors (``max_memory_allocated``). CPU: the resident
+    set (``VmHWM`` reset through ``/proc/self/clear_refs``), which counts only pages never touched before:
+    run it in a fresh process."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    base = _proc_status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5", encoding="ascii")   # VmHWM := VmRSS (Linux >= 4.0)
+    fn()
+    return (_proc_status_kb("VmHWM") - base) / 1024
+
+
+def sdpa_backends(fn: Callable[[], Any], device: torch.device) -> list[str]:
+    """The SDPA kernel of every ``scaled_dot_product_attention`` call of one ``fn()``, in call order (empty when
+    none shows up as an operator: explicit attention, or a compiled graph that inlined it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    return [_SDPA_BACKENDS[e.name] for e in events if e.name in _SDPA_BACKENDS]
+
+
+def write_vtab_images(root: Path, task: str, count: int, num_classes: int, size: tuple[int, int] = (384, 384),
+                      seed: int = 0) -> Path:
+    """A VTAB-1k task folder of ``count`` JPEGs (smooth colour fields plus noise, so decoding costs like a
+    photo's); every split lists every image."""
+    import numpy as np
+    from PIL import Image
+
+    task_dir = Path(root) / task
+    (task_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size[1], 0:size[0]].astype(np.float32)
+    lines = []
+    for i in range(count):
+        f, phase = rng.uniform(0.005, 0.05, size=(3, 2)), rng.uniform(0, 6.3, size=3)
+        base = np.stack([np.sin(f[c, 0] * xx + f[c, 1] * yy + phase[c]) for c in range(3)], axis=-1)
+        pixels = np.clip(127.5 * (1 + base) + rng.normal(0, 12, size=base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(task_dir / f"images/{i:05d}.jpg", quality=90)
+        lines.append(f"images/{i:05d}.jpg {i % num_classes}\n")
+    for split in ("train800", "val200", "train800val200", "test"):
+        (task_dir / f"{split}.txt").write_text("".join(lines), encoding="utf-8")
+    (task_dir / "classes.txt").write_text("".join(f"class{c}\n" for c in range(num_classes)), encoding="utf-8")
+    return task_dir
+
+
+@torch.no_grad()
+def end_to_end_images_per_s(model: Callable[[torch.Tensor], Any], loader: Any, device: torch.device,
+                            precision: str = "fp32") -> dict[str, float]:
+    """Images/s of a pass over ``loader`` (decode, resize, normalise in its workers, copy, the model), timed from
+    the arrival of the first batch so that starting the workers is left out."""
+    start, timed, images = time.perf_counter(), None, 0
+    with autocast_ctx(device, precision):
+        for batch, _ in loader:
+            model(batch.to(device, non_blocking=True))
+            if timed is None:   # the first batch: the clock starts when it is done
+                synchronize(device)
+                timed = time.perf_counter()
+            else:
+                images += len(batch)
+        synchronize(device)
+    if images == 0:
+        raise ValueError("end-to-end timing needs a loader of at least two batches")
+    return {"images_per_s": images / (time.perf_counter() - timed), "first_batch_s": timed - start, "images": images}
+
+
+def _commit() -> str:
+    """HEAD, with "+dirty" when tracked code differs from it (records and Markdown do not count)."""
+    try:
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)scripts/speed_records", ":(exclude)*.md"],
+                               capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """What the numbers depend on: hardware, versions, threads, precision and TF32 state, the commit."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").is_file() else ""
+        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+        name = match.group(1).strip() if match else platform.processor() or platform.machine()
+    return dict(device=str(device), device_name=name, torch=torch.__version__, timm=timm.__version__,
+                python=platform.python_version(), cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                threads=torch.get_num_threads(), cpu_count=os.cpu_count(), precision=args.precision,
+                float32_matmul_precision=torch.get_float32_matmul_precision(),
+                cuda_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, commit=_commit(), peak_size=args.peak_size,
+                omp_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
+                memory_method="cuda max_memory_allocated" if device.type == "cuda" else "VmHWM growth, fresh process")
+
+
+# ------------------------------------------------------------------------------------------ variants
 @dataclass(frozen=True)
 class Variant:
-    """One measured model: a merging setting, LoRA folded or not, compiled or not, and the form of
-    proportional attention (None where nothing merges, so there is no size bias)."""
+    """One measured model: a merging setting, LoRA folded or not, compiled (frozen: with inductor's freezing) or
+    not, and the form of proportional attention (None where nothing merges)."""
 
     setting: str
     folded: bool = False
     compiled: bool = False
     attention: str | None = None
-    frozen: bool = False   # compiled with inductor's freezing (inference only)
+    frozen: bool = False
 
     @property
     def label(self) -> str:
-        parts = [DISPLAY.get(self.setting, self.setting)]
-        if self.attention == "feature":
-            parts.append("feature-attn")
-        if self.folded:
-            parts.append("folded")
-        if self.compiled:
-            parts.append("compiled frozen" if self.frozen else "compiled")
-        return " ".join(parts)
+        parts = [self.setting, "feature-attn" if self.attention == "feature" else "", "folded" if self.folded else "",
+                 ("compiled frozen" if self.frozen else "compiled") if self.compiled else ""]
+        return " ".join(p for p in parts if p)
 
 
 def setting_overrides(setting: str) -> list[str]:
@@ -161,111 +278,162 @@ def load_setting_config(args: argparse.Namespace, setting: str) -> Any:
 
 def build(args: argparse.Namespace, setting: str, device: torch.device) -> nn.Module:
     """The unfolded model of one setting through ``lib.build.build_model`` (same seed, same backbone weights)."""
-    cfg = load_setting_config(args, setting)
-    return build_model(cfg, args.num_classes, pretrained=args.pretrained).to(device)
-
-
-def _count_params(model: nn.Module) -> tuple[int, int]:
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
-def _has_lora(model: nn.Module) -> bool:
-    return any(name.endswith("lora_down.weight") for name, _ in model.named_parameters())
+    return build_model(load_setting_config(args, setting), args.num_classes, pretrained=args.pretrained).to(device)
 
 
 def _settings(requested: Sequence[str] | None) -> list[str]:
-    """The requested settings in MERGING_SETTINGS' order, always with the reference ("plain" = "none")."""
-    wanted = {"none" if s == "plain" else s for s in (requested or MERGING_SETTINGS)}
+    """The requested settings in MERGING_SETTINGS' order, always with the reference."""
+    wanted = set(requested or MERGING_SETTINGS)
     unknown = wanted - set(MERGING_SETTINGS)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {list(MERGING_SETTINGS)}")
-    wanted.add(REFERENCE)
-    return [s for s in MERGING_SETTINGS if s in wanted]
+    return [s for s in MERGING_SETTINGS if s in wanted | {REFERENCE}]
 
 
 def _variants(args: argparse.Namespace, settings: Sequence[str], has_lora: bool) -> list[Variant]:
     folds = {"no": [False], "yes": [True], "both": [False, True]}[args.fold] if has_lora else [False]
     modes = {"off": (False, False), "on": (True, False), "frozen": (True, True)}
-    compiles = [modes[c] for c in args.compile]
-    out = [Variant(s, folded, compiled, None if MERGING_SETTINGS[s]["merging.r"] is None else attention, frozen)
-           for s in settings for attention in args.attention for folded in folds for compiled, frozen in compiles]
+    out = [Variant(s, folded, modes[c][0], None if MERGING_SETTINGS[s]["merging.r"] is None else attention, modes[c][1])
+           for s in settings for attention in args.attention for folded in folds for c in args.compile]
     out = list(dict.fromkeys(out))   # "none" has one attention form
-    reference = Variant(REFERENCE)
-    return out if reference in out else [reference, *out]
+    return out if Variant(REFERENCE) in out else [Variant(REFERENCE), *out]
 
 
-def _memory_in_subprocesses(args: argparse.Namespace, jobs: Sequence[tuple[Variant, int]]) -> dict[tuple, float]:
-    """The training-memory probe of each (variant, batch) in a fresh interpreter, two at a time; MiB each."""
-    script = str(Path(__file__).resolve())
-    results: dict[tuple, float] = {}
-    pending = list(jobs)
-    while pending:
-        batch, pending = pending[:2], pending[2:]
-        procs = {}
-        for variant, bs in batch:
-            cmd = [sys.executable, script, *args.argv, "--memory-probe", variant.setting,
-                   "--memory-batch", str(bs), "--memory-attention", variant.attention or "mask"]
-            procs[(variant, bs)] = subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.PIPE,
-                                                    stderr=subprocess.PIPE, text=True)
-        for key, proc in procs.items():
-            out, err = proc.communicate()
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory probe of {key[0].label} at batch {key[1]} failed:\n{err}")
-            results[key] = float(json.loads(out.strip().splitlines()[-1])["peak_mem_mb"])
-    return results
+@dataclass
+class Prepared:
+    """A variant ready to time: its eager model, what runs it (compiled or not), FLOPs, and what was measured."""
+
+    variant: Variant
+    model: nn.Module
+    runner: Callable[[torch.Tensor], Any]
+    counts: dict[str, Any]
+    times: dict[int, list[list[float]]] = field(default_factory=dict)    # batch -> rounds -> seconds per batch
+    first_call_s: dict[int, float] = field(default_factory=dict)
+    backends: dict[int, list[str]] = field(default_factory=dict)
+    e2e: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
-def _memory_probe(args: argparse.Namespace, device: torch.device) -> float:
-    """Peak memory growth of a few training steps of one setting, in this (fresh) process."""
-    model = build(args, args.memory_probe, device)
-    set_size_bias(model, args.memory_attention)
-    img_size = load_setting_config(args, args.memory_probe).model.img_size
-    step = make_train_step(model, args.memory_batch, args.num_classes, img_size, device, args.precision)
-    return peak_memory_mb(lambda: [step() for _ in range(args.memory_steps)], device)
+def prepare(args: argparse.Namespace, settings: list[str], device: torch.device, img_size: int) -> list[Prepared]:
+    """Each variant's model: built once per setting, copied, folded and given its attention form."""
+    prepared = []
+    for setting in settings:
+        base = build(args, setting, device).eval()
+        for v in [v for v in args.variants if v.setting == setting]:
+            model = fold_lora(copy.deepcopy(base)) if v.folded else copy.deepcopy(base)
+            set_size_bias(model, v.attention)
+            runner = torch.compile(model, dynamic=False, options={"freezing": True} if v.frozen else None) \
+                if v.compiled else model
+            prepared.append(Prepared(v, model, runner, flop_counts(model, img_size, device)))
+    return prepared
 
 
-def _block_table(model: nn.Module, batch_size: int, img_size: int, device: torch.device, precision: str,
-                 runs: int, peak: float) -> str:
-    """Per block: tokens in -> out, milliseconds per batch, GFLOP per batch and % of the matmul peak."""
-    seconds = time_blocks(model, batch_size, img_size, device, precision, runs=runs)
-    flops = flops_by_block(model, img_size, device)
-    tokens = tokens_per_layer(model, img_size)
-    lines = [f"batch {batch_size}, peak {peak / 1e9:.1f} GFLOP/s; efficiency = 2 x fvcore x batch / time / peak",
-             f"{'block':>5}  {'tokens':>10}  {'ms':>8}  {'GFLOP':>7}  {'eff':>6}"]
-    for i, (sec, f) in enumerate(zip(seconds, flops)):
-        work = 2.0 * f * batch_size
-        lines.append(f"{i:>5}  {f'{tokens[i]}->{tokens[i + 1]}':>10}  {1e3 * sec:8.2f}  {work / 1e9:7.2f}  "
-                     f"{100 * work / sec / peak:5.1f}%")
-    total_s, total_work = sum(seconds), 2.0 * sum(flops) * batch_size
-    lines.append(f"{'all':>5}  {'':>10}  {1e3 * total_s:8.2f}  {total_work / 1e9:7.2f}  "
-                 f"{100 * total_work / total_s / peak:5.1f}%")
-    return "\n".join(lines) + "\n"
+# ------------------------------------------------------------------------------------------ one batch size
+def _inference(p: Prepared, x: torch.Tensor, precision: str) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad(), autocast_ctx(x.device, precision):
+            p.runner(x)
+    return run
 
 
-def _gemm_share(model: nn.Module, batch_size: int, img_size: int, device: torch.device, precision: str,
-                runs: int, peak_size: int, counts: dict[str, Any]) -> str:
-    """The model's nn.Linear GEMMs replayed alone (lib.benchmark.linear_replay) against its forward."""
-    has_pyra = any_pyra(model)
-    r = linear_replay(model, batch_size, img_size, device, precision, runs=runs, peak_size=peak_size,
-                      also=PYRA if has_pyra else None)
-    model_work = 2.0 * (counts["fvcore_flops"] + counts["attention_macs"]) * batch_size
-    gemm_work = 2.0 * r["linear_macs"]
-    share = r["linear_share"]
-    return "\n".join([
-        f"batch {batch_size}, {precision}, medians of {runs} rounds, each timing back to back the forward, the "
-        f"GEMM replay{', the PYRA replay' if has_pyra else ''} and a matmul peak (n={peak_size}); shares and "
-        f"percentages of peak are per round",
-        f"forward: {1e3 * r['forward_s']:.2f} ms, {model_work / 1e9:.2f} GFLOP, "
-        f"efficiency {100 * model_work / r['forward_peak_flop']:.1f}%",
-        f"{int(r['linear_calls'])} nn.Linear calls replayed alone: {1e3 * r['linear_s']:.2f} ms, "
-        f"{gemm_work / 1e9:.2f} GFLOP ({100 * gemm_work / model_work:.1f}% of the model's), "
-        f"rate {gemm_work / r['linear_s'] / 1e9:.1f} GFLOP/s = {100 * r['gemm_to_peak']:.1f}% of peak",
-        f"share of the forward: GEMMs {100 * share:.1f}%, everything else (attention, "
-        f"norms, GELU, merging, copies) {100 * (1 - share):.1f}%",
-    ] + ([f"{int(r['also_calls'])} PYRA modules replayed alone (LayerNorm, the W_r and W_D products, sigmoids, "
-          f"modulation): {1e3 * r['also_s']:.2f} ms, {100 * r['also_share']:.2f}% of the forward"]
-        if has_pyra else [])) + "\n"
+def warm_up(args: argparse.Namespace, prepared: list[Prepared], x: torch.Tensor) -> None:
+    """First calls (compiling each compiled variant from a clean dynamo state, timed), SDPA backends, warm-up.
+
+    A reset drops the graphs compiled before it, so every variant is warmed again after all first calls."""
+    bs = len(x)
+    compiled = [p for p in prepared if p.variant.compiled]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(compiled) + 1)
+    for p in prepared:
+        if p.variant.compiled:
+            torch._dynamo.reset()
+        run = _inference(p, x, args.precision)
+        p.first_call_s[bs] = time_fn(run, x.device, warmup=0, runs=1)[0]
+        p.backends[bs] = sdpa_backends(run, x.device)
+    for p in prepared:
+        time_fn(_inference(p, x, args.precision), x.device, warmup=args.warmup, runs=0)
+        p.times[bs] = []
+
+
+def time_rounds(args: argparse.Namespace, prepared: list[Prepared], steps: dict[Variant, Any],
+                x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Interleaved rounds: a matmul peak, every variant's inference, every training step; the order rotates.
+    Returns the peaks (FLOP/s) and the load average of each round."""
+    peaks, loads, bs, device = [], [], len(x), x.device
+    for rnd in range(args.rounds):
+        loads.append(os.getloadavg()[0])
+        peaks.append(matmul_peak(device, args.peak_size, PRECISIONS[args.precision], runs=args.runs))
+        for p in _rotate(prepared, rnd):
+            p.times[bs].append(time_fn(_inference(p, x, args.precision), device, warmup=0, runs=args.runs))
+        for v in _rotate(list(steps), rnd):
+            steps[v]["times"].append(time_fn(steps[v]["step"], device, warmup=0, runs=args.train_runs))
+    return peaks, loads
+
+
+def train_steps(args: argparse.Namespace, prepared: list[Prepared], bs: int, img_size: int,
+                device: torch.device) -> dict[Variant, dict[str, Any]]:
+    """A warmed-up training step (on a copy) of every unfolded eager variant, unless ``--no-train``."""
+    steps = {}
+    for p in [] if args.no_train else [p for p in prepared if not p.variant.folded and not p.variant.compiled]:
+        step = make_train_step(copy.deepcopy(p.model), bs, args.num_classes, img_size, device, args.precision)
+        time_fn(step, device, warmup=1, runs=0)
+        steps[p.variant] = {"step": step, "times": []}
+    return steps
+
+
+def e2e_loader(args: argparse.Namespace, root: Path, bs: int, img_size: int, device: torch.device) -> Any:
+    """The project's eval data path over the harness's images: ``build_dataset`` + ``build_eval_loader``."""
+    cfg = load_config(args.config, [*args.overrides, f"data.root={root}", f"data.task={E2E_TASK}",
+                                    "data.eval_split=test", "data.augment=", "data.num_classes=null"])
+    dataset = build_dataset(cfg.data, cfg.data.eval_split, img_size, is_train=False)
+    dataset = Subset(dataset, range(bs * (1 + args.e2e_timed)))
+    return build_eval_loader(dataset, bs, DistInfo(), args.e2e_workers, pin_memory=device.type == "cuda")
+
+
+def memory_probe(args: argparse.Namespace, variant: Variant, bs: int, device: torch.device) -> float:
+    """Peak memory of two training steps of ``variant``: in this process on CUDA, in a fresh one on CPU."""
+    if device.type == "cpu" and not args.memory_probe:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--memory-probe", variant.setting,
+               "--memory-batch", str(bs), "--memory-attention", variant.attention or "mask"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe of {variant.label} at batch {bs} failed:\n{proc.stderr}")
+        return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_mb"])
+    model = build(args, variant.setting, device)
+    set_size_bias(model, variant.attention)
+    img_size = load_setting_config(args, variant.setting).model.img_size
+    step = make_train_step(model, bs, args.num_classes, img_size, device, args.precision)
+    return peak_memory_mb(lambda: [step() for _ in range(2)], device)
+
+
+def rows_of_batch(prepared: list[Prepared], steps: dict[Variant, Any], memory: dict[Variant, float],
+                  peaks: list[float], bs: int) -> list[dict[str, Any]]:
+    """The record's rows of one batch size: medians, per-round ratios to the reference and efficiencies."""
+    ref_rounds = _round_medians(next(p for p in prepared if p.variant == Variant(REFERENCE)).times[bs])
+    ref_train = _round_medians(steps[Variant(REFERENCE)]["times"]) if Variant(REFERENCE) in steps else None
+    rows = []
+    for p in prepared:
+        v, rounds = p.variant, _round_medians(p.times[bs])
+        median_s, spread = _median_and_spread(p.times[bs])
+        flops = p.counts["fvcore_flops"] + p.counts["attention_macs"]
+        row = dict(setting=v.setting, label=v.label, batch_size=bs, folded=v.folded, compiled=v.compiled,
+                   frozen=v.frozen, attention=v.attention, images_per_s=bs / median_s,
+                   end_to_end_images_per_s=p.e2e[bs]["images_per_s"] if bs in p.e2e else None,
+                   **{k: int(p.counts[k]) for k in ("fvcore_flops", "torch_flops", "attention_macs")},
+                   torch_counts_attention=p.counts["torch_counts_attention"], flops=flops, gflops=flops / 2 ** 30,
+                   params=sum(t.numel() for t in p.model.parameters()),
+                   trainable=sum(t.numel() for t in p.model.parameters() if t.requires_grad),
+                   ratio_to_none=statistics.median(r / s for r, s in zip(ref_rounds, rounds)),
+                   efficiency=statistics.median(efficiency(flops, bs / s, pk) for s, pk in zip(rounds, peaks)),
+                   train_step_s=None, train_ratio=None, train_spread=None, peak_mem_mb=None,
+                   compile_s=max(p.first_call_s[bs] - median_s, 0.0) if v.compiled else None,
+                   first_call_s=p.first_call_s[bs], sdpa_backends=p.backends[bs], median_s=median_s,
+                   spread=spread, round_s=rounds, runs=sum(len(t) for t in p.times[bs]))
+        if v in steps:
+            train = steps[v]["times"]
+            row["train_step_s"], row["train_spread"] = _median_and_spread(train)
+            row["train_ratio"] = statistics.median(r / s for r, s in zip(ref_train, _round_medians(train)))
+            row["peak_mem_mb"] = memory[v]
+        rows.append(row)
+    return rows
 
 
 def _rotate(items: list[Any], shift: int) -> list[Any]:
@@ -277,311 +445,79 @@ def _round_medians(times: list[list[float]]) -> list[float]:
     return [statistics.median(rnd) for rnd in times]
 
 
-def _median_over_rounds(times: list[list[float]]) -> tuple[float, float]:
+def _median_and_spread(times: list[list[float]]) -> tuple[float, float]:
     """Median of all timed runs, and the relative spread of the per-round medians (a disturbance flag)."""
-    flat = [t for rnd in times for t in rnd]
-    per_round = [statistics.median(rnd) for rnd in times]
-    median = statistics.median(flat)
+    median, per_round = statistics.median(t for rnd in times for t in rnd), _round_medians(times)
     return median, (max(per_round) - min(per_round)) / median
 
 
-def _commit() -> str:
-    """HEAD's hash, "+dirty" when tracked files differ from it (the measured code is then not exactly HEAD).
-
-    The committed records (``scripts/speed_records/``) and Markdown files do not count: a series of runs
-    rewrites the former, and neither changes what is measured."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)scripts/speed_records", ":(exclude)*.md"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def _allocator_info(args: argparse.Namespace, device: torch.device) -> str:
-    if device.type == "cuda":
-        return "torch CUDA caching allocator"
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    parts = ["glibc", "keeps freed blocks (mallopt)" if args.allocator_tuned else "default thresholds",
-             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}"]
-    if thp.is_file():
-        parts.append(f"THP {thp.read_text().strip()}")
-    return "; ".join(parts)
-
-
-class _Prepared:
-    """A variant ready to time: its model (eager, possibly folded), what runs it, counts and timings."""
-
-    def __init__(self, variant: Variant, model: nn.Module, device: torch.device, img_size: int) -> None:
-        self.variant = variant
-        self.model = model
-        self.runner: Callable[[torch.Tensor], Any] = model
-        if variant.compiled:
-            self.runner = torch.compile(model, dynamic=False, options={"freezing": True} if variant.frozen else None)
-        self.params, self.trainable = _count_params(model)
-        self.counts = flop_counts(model, img_size, device)
-        self.times: dict[int, list[list[float]]] = {}
-        self.brackets: dict[int, list[tuple[float, float]]] = {}   # per round: (peak before, peak after) the timing
-        self.first_call_s: dict[int, float] = {}
-        self.backends: dict[int, list[str]] = {}
-        self.e2e: dict[int, dict[str, float]] = {}
-
-    def __call__(self, x: torch.Tensor) -> Any:
-        return self.runner(x)
-
-    def peaks(self, batch_size: int) -> list[float]:
-        """Per round, the peak the timing is paired with: the mean of the two bracketing it."""
-        return [(before + after) / 2 for before, after in self.brackets[batch_size]]
-
-
-def _prepare(args: argparse.Namespace, settings: list[str], device: torch.device,
-             img_size: int) -> dict[Variant, _Prepared]:
-    prepared: dict[Variant, _Prepared] = {}
-    for setting in settings:
-        base = build(args, setting, device).eval()
-        for variant in [v for v in args.variants if v.setting == setting]:
-            model = copy.deepcopy(base)
-            if variant.folded:
-                model = fold_lora(model)
-            set_size_bias(model, variant.attention)
-            prepared[variant] = _Prepared(variant, model, device, img_size)
-        del base
-    return prepared
-
-
-def _e2e_loader(args: argparse.Namespace, root: Path, batch_size: int, img_size: int, device: torch.device) -> Any:
-    """The project's eval data path on the harness's images: build_dataset + build_eval_loader."""
-    cfg = load_config(args.config, [*args.overrides, f"data.root={root}", f"data.task={E2E_TASK}",
-                                    "data.eval_split=test", "data.augment=", "data.num_classes=null"])
-    dataset = build_dataset(cfg.data, cfg.data.eval_split, img_size, is_train=False)
-    dataset = Subset(dataset, range(batch_size * args.e2e_batches))
-    workers = cfg.data.num_workers if args.workers is None else args.workers
-    return build_eval_loader(dataset, batch_size, DistInfo(), workers, pin_memory=device.type == "cuda"), workers
+# ------------------------------------------------------------------------------------------ the run
+def measure_batch(args: argparse.Namespace, prepared: list[Prepared], bs: int, img_size: int, device: torch.device,
+                  e2e_root: Path | None) -> tuple[list[dict[str, Any]], list[float], list[float]]:
+    """Everything at one batch size: warm-up, interleaved rounds, end-to-end pass, training memory."""
+    x = torch.randn(bs, 3, img_size, img_size, device=device)
+    warm_up(args, prepared, x)
+    steps = train_steps(args, prepared, bs, img_size, device)
+    peaks, loads = time_rounds(args, prepared, steps, x)
+    loads.append(os.getloadavg()[0])
+    if e2e_root is not None:
+        loader = e2e_loader(args, e2e_root, bs, img_size, device)
+        for p in prepared:
+            p.e2e[bs] = end_to_end_images_per_s(p.runner, loader, device, args.precision)
+    for s in steps.values():
+        s["step"] = None   # free the training copies before the memory probes
+    memory = {v: memory_probe(args, v, bs, device) for v in steps}
+    return rows_of_batch(prepared, steps, memory, peaks, bs), peaks, loads
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure every variant at every batch size and return the JSON-ready report."""
+    """Measure every variant at every batch size; the JSON-ready record (env, config, results, speedup_curve)."""
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = _settings(args.settings)
     ref_cfg = load_setting_config(args, REFERENCE)
-    img_size = ref_cfg.model.img_size
-    load_start = os.getloadavg()
-    probe = build(args, REFERENCE, device)
-    args.variants = _variants(args, settings, _has_lora(probe))
-    del probe
-    prepared = _prepare(args, settings, device, img_size)
-    reference = prepared[Variant(REFERENCE)]
-
-    train_variants = [] if args.no_train else [v for v in prepared if not v.folded and not v.compiled]
-    steps: dict[tuple[Variant, int], dict[str, Any]] = {}
-    peaks: dict[int, dict[str, list[float]]] = {}
-    loads: dict[int, list[float]] = {}
-    e2e_root = Path(args.e2e_dir or tempfile.mkdtemp(prefix="pyra_bench_"))
-    workers = None
-    try:
-        if not args.no_e2e:
-            write_vtab_images(e2e_root, E2E_TASK, max(args.batch_sizes) * args.e2e_batches, args.num_classes,
-                              (args.e2e_image_size, args.e2e_image_size), seed=ref_cfg.seed)
+    settings = _settings(args.settings)
+    args.variants = _variants(args, settings, has_lora=ref_cfg.peft.type == "lora")
+    args.e2e_workers = ref_cfg.data.num_workers if args.workers is None else args.workers
+    args.e2e_timed = max(args.e2e_batches, 4 * args.e2e_workers + 1)   # the workers prefetch 2 batches each
+    prepared = prepare(args, settings, device, ref_cfg.model.img_size)
+    env, rows, peaks, loads = environment(args, device), [], {}, {}
+    with tempfile.TemporaryDirectory(prefix="pyra_bench_") as tmp:
+        e2e_root = None if args.no_e2e else write_vtab_images(
+            Path(tmp), E2E_TASK, max(args.batch_sizes) * (1 + args.e2e_timed), args.num_classes,
+            (args.e2e_image_size,) * 2, ref_cfg.seed).parent
         for bs in args.batch_sizes:
-            x = torch.randn(bs, 3, img_size, img_size, device=device)
-
-            def infer(p: _Prepared, x: torch.Tensor = x) -> None:
-                with torch.no_grad(), autocast_ctx(device, args.precision):
-                    p(x)
-
-            for p in prepared.values():   # warm-up (and compilation) outside the timed rounds
-                start = time.perf_counter()
-                infer(p)
-                p.first_call_s[bs] = time.perf_counter() - start
-                p.backends[bs] = sdpa_backends(lambda p=p: infer(p), device)
-                time_fn(lambda p=p: infer(p), device, warmup=max(args.warmup - 2, 0), runs=0)
-                p.times[bs], p.brackets[bs] = [], []
-            for v in (train_variants if bs in args.train_batch_sizes else []):
-                m = copy.deepcopy(prepared[v].model)
-                steps[(v, bs)] = dict(step=make_train_step(m, bs, args.num_classes, img_size, device, args.precision),
-                                      times=[])
-                time_fn(steps[(v, bs)]["step"], device, warmup=1, runs=0)
-
-            peaks[bs] = {"fp32": [], args.precision: []}
-            loads[bs] = []
-            keys = list(prepared)
-
-            def peak() -> float:
-                return matmul_peak(device, args.peak_size, dtype=PRECISIONS[args.precision], warmup=1, runs=args.runs)
-
-            for rnd in range(args.rounds):
-                loads[bs].append(os.getloadavg()[0])
-                if args.precision != "fp32":   # the environment's fp32 peak; the precision's is timed per variant
-                    peaks[bs]["fp32"].append(matmul_peak(device, args.peak_size, runs=args.runs))
-                # Each timing is bracketed by matmul peaks (one after every variant, so each peak closes one
-                # timing and opens the next): the machine's speed drifts within a round, and the mean of the
-                # peaks on both sides tracks a timing's speed better than either one alone.
-                before = peak()
-                for key in _rotate(keys, rnd):   # no variant always runs first
-                    p = prepared[key]
-                    p.times[bs].append(time_fn(lambda p=p: infer(p), device, warmup=0, runs=args.runs))
-                    after = peak()
-                    p.brackets[bs].append((before, after))
-                    before = after
-                for v in _rotate([v for v in train_variants if (v, bs) in steps], rnd):
-                    s = steps[(v, bs)]
-                    s["times"].append(time_fn(s["step"], device, warmup=0, runs=args.train_runs))
-            loads[bs].append(os.getloadavg()[0])
-            # The round's peak: the median of the peaks measured beside its variants' timings.
-            peaks[bs][args.precision] = [statistics.median(p.peaks(bs)[rnd] for p in prepared.values())
-                                         for rnd in range(args.rounds)]
-            for v in [v for v in train_variants if (v, bs) in steps]:   # free the training copies
-                steps[(v, bs)]["step"] = None
-
-            if not args.no_e2e:
-                loader, workers = _e2e_loader(args, e2e_root, bs, img_size, device)
-                for key in _rotate(keys, args.rounds):
-                    prepared[key].e2e[bs] = end_to_end_images_per_s(prepared[key], loader, device, args.precision)
-
-        if args.profile:
-            _write_profiles(args, prepared, device, img_size, statistics.median(peaks[args.batch_sizes[0]]["fp32"]))
-    finally:
-        if not args.e2e_dir:
-            shutil.rmtree(e2e_root, ignore_errors=True)
-
-    memory: dict[tuple, float] = {}
-    jobs = [(v, bs) for bs in args.batch_sizes for v in train_variants if (v, bs) in steps]
-    if jobs and device.type == "cpu":
-        memory = _memory_in_subprocesses(args, jobs)
-    elif jobs:
-        for v, bs in jobs:
-            ns = argparse.Namespace(**{**vars(args), "memory_probe": v.setting, "memory_batch": bs,
-                                       "memory_attention": v.attention or "mask"})
-            memory[(v, bs)] = _memory_probe(ns, device)
-
-    rows = []
-    for bs in args.batch_sizes:
-        ref_rounds = _round_medians(reference.times[bs])
-        ref_step = steps.get((Variant(REFERENCE), bs))
-        train_ref = _round_medians(ref_step["times"]) if ref_step else None
-        for v, p in prepared.items():
-            median_s, spread = _median_over_rounds(p.times[bs])
-            rounds = _round_medians(p.times[bs])
-            flops = p.counts["fvcore_flops"] + p.counts["attention_macs"]
-            row: dict[str, Any] = dict(
-                setting=DISPLAY.get(v.setting, v.setting), merging=v.setting, label=v.label, batch_size=bs,
-                folded=v.folded, compiled=v.compiled, frozen=v.frozen, attention=v.attention,
-                images_per_s=bs / median_s,
-                end_to_end_images_per_s=p.e2e[bs]["images_per_s"] if bs in p.e2e else None,
-                fvcore_flops=int(p.counts["fvcore_flops"]), torch_flops=int(p.counts["torch_flops"]),
-                attention_macs=int(p.counts["attention_macs"]),
-                torch_counts_attention=bool(p.counts["torch_counts_attention"]),
-                flops=int(flops), gflops=flops / 2 ** 30, params=p.params, trainable=p.trainable,
-                ratio_to_plain=statistics.median(r / s for r, s in zip(ref_rounds, rounds)),
-                efficiency=statistics.median(efficiency(flops, bs / s, pk) for s, pk in zip(rounds, p.peaks(bs))),
-                peak_gflops_rounds=[pk / 1e9 for pk in p.peaks(bs)],
-                peak_gflops_bracket_rounds=[[b / 1e9, a / 1e9] for b, a in p.brackets[bs]],
-                train_step_s=None, train_ratio=None, train_spread=None, train_round_s=None, peak_mem_mb=None,
-                compile_s=max(p.first_call_s[bs] - median_s, 0.0) if v.compiled else None,
-                first_call_s=p.first_call_s[bs], sdpa_backends=p.backends[bs],
-                e2e_first_batch_s=p.e2e[bs]["first_batch_s"] if bs in p.e2e else None,
-                median_s=median_s, spread=spread, round_s=rounds, runs=sum(len(t) for t in p.times[bs]))
-            if (v, bs) in steps:
-                train = steps[(v, bs)]["times"]
-                row["train_step_s"], row["train_spread"] = _median_over_rounds(train)
-                row["train_round_s"] = _round_medians(train)
-                row["train_ratio"] = statistics.median(r / s for r, s in zip(train_ref, row["train_round_s"]))
-                row["peak_mem_mb"] = memory[(v, bs)]
-            rows.append(row)
-
-    curve: dict[str, dict[str, list[float]]] = {}
-    for row in rows:
-        entry = curve.setdefault(row["label"], {"batch_sizes": [], "ratio_to_plain": [], "images_per_s": []})
-        entry["batch_sizes"].append(row["batch_size"])
-        entry["ratio_to_plain"].append(row["ratio_to_plain"])
-        entry["images_per_s"].append(row["images_per_s"])
-
-    all_peaks = [p for bs in args.batch_sizes for p in peaks[bs]["fp32"]]
-    env = dict(device=str(device), torch=torch.__version__, timm=timm.__version__, threads=torch.get_num_threads(),
-               precision=args.precision, allocator=_allocator_info(args, device), commit=_commit(),
-               device_name=device_name(device), python=platform.python_version(),
-               peak_gflops=statistics.median(all_peaks) / 1e9,
-               peak_gflops_rounds={str(bs): [p / 1e9 for p in peaks[bs]["fp32"]] for bs in args.batch_sizes},
-               peak_gflops_precision_rounds={str(bs): [p / 1e9 for p in peaks[bs][args.precision]]
-                                             for bs in args.batch_sizes},
-               omp_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
-               peak_size=args.peak_size, load_avg_start=load_start[0], load_avg_end=os.getloadavg()[0],
-               load_avg_rounds={str(bs): loads[bs] for bs in args.batch_sizes}, cpu_count=os.cpu_count(),
-               memory_method=("cuda max_memory_allocated" if device.type == "cuda"
-                              else "VmHWM growth of a fresh subprocess per variant"))
-    config = dict(config=str(args.config), overrides=list(args.overrides), model=ref_cfg.model.name,
-                  peft=ref_cfg.peft.type, num_classes=args.num_classes, img_size=img_size,
-                  batch_sizes=list(args.batch_sizes), rounds=args.rounds, runs_per_round=args.runs,
-                  train_runs_per_round=args.train_runs, train_batch_sizes=list(args.train_batch_sizes),
-                  fold=args.fold, compile=args.compile,
-                  attention=list(args.attention), train=not args.no_train, end_to_end=not args.no_e2e,
-                  e2e_workers=workers, e2e_batches=args.e2e_batches, e2e_image_size=args.e2e_image_size,
-                  pretrained=args.pretrained, command=" ".join(["python scripts/benchmark.py", *args.argv]),
-                  timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
-    return dict(env=env, config=config, results=rows, speedup_curve=curve)
+            batch_rows, peaks[str(bs)], loads[str(bs)] = measure_batch(args, prepared, bs, ref_cfg.model.img_size,
+                                                                       device, e2e_root)
+            rows += batch_rows
+    env.update(peak_gflops=statistics.median(p for ps in peaks.values() for p in ps) / 1e9,
+               peak_gflops_rounds={bs: [p / 1e9 for p in ps] for bs, ps in peaks.items()}, load_avg_rounds=loads)
+    return dict(env=env, config=record_config(args, ref_cfg), results=rows, speedup_curve=speedup_curve(rows))
 
 
-def _write_profiles(args: argparse.Namespace, prepared: dict[Variant, _Prepared], device: torch.device,
-                    img_size: int, peak: float) -> None:
-    """Where the time beyond the GEMMs goes, at the first batch size: torch.profiler top-operator tables per
-    variant (inference and training) and the time and efficiency of every block."""
-    out_dir = args.profile
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bs = args.batch_sizes[0]
-    x = torch.randn(bs, 3, img_size, img_size, device=device)
-    for v, p in prepared.items():
-        stem = "profile_" + v.label.replace(" ", "_")
-
-        def infer(p: _Prepared = p) -> None:
-            with torch.no_grad(), autocast_ctx(device, args.precision):
-                p(x)
-
-        (out_dir / f"{stem}_infer.txt").write_text(profile_table(infer, device), encoding="utf-8")
-        if not v.compiled:
-            (out_dir / f"{stem}_blocks.txt").write_text(
-                _block_table(p.model, bs, img_size, device, args.precision, args.runs, peak), encoding="utf-8")
-            (out_dir / f"{stem}_gemm.txt").write_text(
-                _gemm_share(p.model, bs, img_size, device, args.precision, max(args.runs, 7), args.peak_size, p.counts),
-                encoding="utf-8")
-        if not v.folded and not v.compiled and not args.no_train:
-            step = make_train_step(copy.deepcopy(p.model), bs, args.num_classes, img_size, device, args.precision)
-            (out_dir / f"{stem}_train.txt").write_text(profile_table(step, device), encoding="utf-8")
+def speedup_curve(rows: list[dict[str, Any]]) -> dict[str, dict[str, list]]:
+    """Per variant: its batch sizes with the ratio to none and images/s at each (the plot's data)."""
+    fields = (("batch_sizes", "batch_size"), ("ratio_to_none", "ratio_to_none"), ("images_per_s", "images_per_s"))
+    return {label: {name: [r[key] for r in rows if r["label"] == label] for name, key in fields}
+            for label in dict.fromkeys(r["label"] for r in rows)}
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The aligned terminal table of a report."""
-    header = ["variant", "batch", "img/s", "e2e img/s", "x plain", "fvcore G", "torch G", "attn G", "eff",
-              "train s", "x plain", "mem MiB", "compile s", "spread"]
-    lines = [[r["label"], str(r["batch_size"]), _fmt(r["images_per_s"], ".2f"),
-              _fmt(r["end_to_end_images_per_s"], ".2f"), _fmt(r["ratio_to_plain"], ".2f"),
-              f"{r['fvcore_flops'] / 1e9:.3f}", f"{r['torch_flops'] / 1e9:.3f}", f"{r['attention_macs'] / 1e9:.3f}",
-              _fmt(100 * r["efficiency"], ".1f") + "%", _fmt(r["train_step_s"], ".3f"), _fmt(r["train_ratio"], ".2f"),
-              _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["compile_s"], ".1f"), _fmt(100 * r["spread"], ".1f") + "%"]
-             for r in report["results"]]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-    out = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [header, *lines]]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    e, c = report["env"], report["config"]
-    out.insert(0, f"{c['model']} {c['peft']}  {e['precision']}  {c['img_size']}px  {e['device_name']}  "
-                  f"{e['threads']} threads  torch {e['torch']}  matmul peak {e['peak_gflops']:.1f} GFLOP/s "
-                  f"(fp32, n={e['peak_size']})  load {e['load_avg_start']:.2f}->{e['load_avg_end']:.2f}  "
-                  f"commit {e['commit'][:12]}")
-    out.append("fvcore G: multiply-adds (1e9) as fvcore sees them; torch G: FlopCounterMode FLOPs (1e9, 2 per "
-               "multiply-add); attn G: attention multiply-adds a fused kernel hides from both")
-    return "\n".join(out)
+def record_config(args: argparse.Namespace, ref_cfg: Any) -> dict[str, Any]:
+    """What was measured and how: the model, the options, the command line and when."""
+    e2e = not args.no_e2e
+    return dict(config=str(args.config), overrides=list(args.overrides), model=ref_cfg.model.name,
+                peft=ref_cfg.peft.type, num_classes=args.num_classes, img_size=ref_cfg.model.img_size,
+                batch_sizes=list(args.batch_sizes), rounds=args.rounds, runs_per_round=args.runs,
+                train_runs_per_round=args.train_runs, fold=args.fold, compile=args.compile,
+                attention=list(args.attention), train=not args.no_train, end_to_end=e2e,
+                e2e_workers=args.e2e_workers if e2e else None, e2e_timed_batches=args.e2e_timed if e2e else None,
+                e2e_image_size=args.e2e_image_size, pretrained=args.pretrained,
+                command=" ".join(["python scripts/benchmark.py", *args.argv]),
+                timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
 
 
 def plot_curve(report: dict[str, Any], path: Path) -> Path:
-    """Speed-up over plain against batch size, one line per variant (PNG)."""
+    """Speed-up over none against batch size, one line per variant (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -589,16 +525,14 @@ def plot_curve(report: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, entry in report["speedup_curve"].items():
-        if label == DISPLAY[REFERENCE]:
-            continue
-        ax.plot(entry["batch_sizes"], entry["ratio_to_plain"], marker="o", label=label)
+        if label != REFERENCE:
+            ax.plot(entry["batch_sizes"], entry["ratio_to_none"], marker="o", label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ticks = sorted({b for entry in report["speedup_curve"].values() for b in entry["batch_sizes"]})
     ax.set_xticks(ticks, [str(b) for b in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("images/s ÷ plain (same round)")
+    ax.set(xlabel="batch size", ylabel="images/s ÷ none (same round)")
     e, c = report["env"], report["config"]
     ax.set_title(f"{c['model']} {c['peft']}, {e['precision']}, {e['device_name'][:40]}, {e['threads']} threads",
                  fontsize=8)
@@ -613,65 +547,44 @@ def plot_curve(report: dict[str, Any], path: Path) -> Path:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides (lib.config syntax), anywhere on the command line")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="the config every setting starts from")
-    p.add_argument("--settings", nargs="+", help=f"subset of {list(MERGING_SETTINGS)} ('plain' = 'none'; "
-                                                 f"the reference is always added)")
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--pretrained", action="store_true", help="load model.pretrained (default: random weights)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    p.add_argument("--rounds", type=int, default=3, help="round-robin passes over all variants")
-    p.add_argument("--runs", type=int, default=3, help="timed inference batches per variant and round")
-    p.add_argument("--train-runs", type=int, default=2, help="timed training steps per variant and round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed inference batches per variant (at least 2)")
-    p.add_argument("--memory-steps", type=int, default=2, help="training steps the memory probe runs")
-    p.add_argument("--peak-size", type=int, default=None, help="matrix size of the peak GEMM (2048 CPU, 8192 CUDA)")
-    p.add_argument("--fold", default="both", choices=["both", "no", "yes"], help="LoRA as is and/or folded")
-    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on", "frozen", "both"],
-                   help="eager (off) and/or torch.compile'd (on; frozen: with inductor's freezing, inference only) "
-                        "rows; both = off on; the compile time is reported apart")
-    p.add_argument("--attention", nargs="+", default=["mask"], choices=["mask", "feature"],
-                   help="forms of proportional attention to measure (models.vit.set_size_bias)")
-    p.add_argument("--no-train", action="store_true", help="skip the training step and memory measurements")
-    p.add_argument("--train-batch-sizes", type=int, nargs="+", default=None,
-                   help="the batch sizes with training measurements (default: all of --batch-sizes)")
-    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end pass through the data path")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the end-to-end pass "
-                                                             "(default: the config's data.num_workers)")
-    p.add_argument("--e2e-batches", type=int, default=3, help="batches of the end-to-end pass (the first untimed)")
-    p.add_argument("--e2e-image-size", type=int, default=384, help="edge of the JPEGs the harness writes")
-    p.add_argument("--e2e-dir", type=Path, default=None, help="where to write them (default: a temporary folder)")
-    p.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
-                   help="CPU: 'tuned' keeps freed blocks in glibc's heap (lib.benchmark.tune_cpu_allocator) and, "
-                        "run as a script, backs it with transparent huge pages (GLIBC_TUNABLES)")
-    p.add_argument("--json", type=Path, default=None, help="default: benchmark_results/<timestamp>.json")
-    p.add_argument("--plot", type=Path, default=None, help="speed-up vs batch size PNG (default: next to the JSON)")
-    p.add_argument("--profile", type=Path, nargs="?", const=ROOT / "benchmark_results", default=None,
-                   help="also write torch.profiler tables (profile_<variant>_*.txt) to this folder")
-    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--memory-batch", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--memory-attention", default="mask", help=argparse.SUPPRESS)
-    args_argv = list(sys.argv[1:] if argv is None else argv)
-    # key=value tokens are overrides wherever they stand (also after a multi-value option such as --settings)
-    overrides = [a for a in args_argv if "=" in a and not a.startswith("-")]
-    args = p.parse_args([a for a in args_argv if a not in overrides])
-    args.overrides = overrides
-    args.argv = args_argv
+    add = p.add_argument
+    add("overrides", nargs="*", metavar="key=value", help="config overrides, anywhere on the command line")
+    add("--config", default=DEFAULT_CONFIG, help="the config every setting starts from")
+    add("--settings", nargs="+", help=f"subset of {list(MERGING_SETTINGS)} (the reference is always added)")
+    add("--num-classes", type=int, default=100)
+    add("--pretrained", action="store_true", help="load model.pretrained (default: random weights)")
+    add("--device", default="cpu", choices=["cpu", "cuda"])
+    add("--precision", default="fp32", choices=list(PRECISIONS))
+    add("--batch-sizes", type=int, nargs="+", default=[8])
+    add("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add("--rounds", type=int, default=3, help="round-robin passes over all variants")
+    add("--runs", type=int, default=3, help="timed inference batches per variant and round")
+    add("--train-runs", type=int, default=2, help="timed training steps per variant and round")
+    add("--warmup", type=int, default=2, help="untimed inference batches per variant after the first call")
+    add("--peak-size", type=int, default=None, help="matrix size of the peak GEMM (2048 CPU, 8192 CUDA)")
+    add("--fold", default="both", choices=["both", "no", "yes"], help="LoRA as is and/or folded")
+    add("--compile", nargs="+", default=["off"], choices=["off", "on", "frozen", "both"],
+        help="eager (off), torch.compile (on), with inductor's freezing (frozen); both = off on")
+    add("--attention", nargs="+", default=["mask"], choices=["mask", "feature"],
+        help="forms of proportional attention (models.vit.set_size_bias)")
+    add("--no-train", action="store_true", help="skip the training step and memory")
+    add("--no-e2e", action="store_true", help="skip the end-to-end pass through the data path")
+    add("--workers", type=int, default=None, help="DataLoader workers end to end (default: data.num_workers)")
+    add("--e2e-batches", type=int, default=2, help="timed end-to-end batches, at least 4 x workers + 1")
+    add("--e2e-image-size", type=int, default=384, help="edge of the JPEGs the harness writes")
+    add("--json", type=Path, default=None, help="default: benchmark_results/<timestamp>.json")
+    add("--plot", type=Path, default=None, help="speed-up vs batch size PNG (default: next to the JSON)")
+    for hidden in ("--memory-probe", "--memory-batch", "--memory-attention"):
+        add(hidden, default=None, type=int if hidden == "--memory-batch" else str, help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]   # also after --settings
+    args = p.parse_args([a for a in argv if a not in overrides])
+    args.overrides, args.argv = overrides, argv
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
-    if args.peak_size is None:
-        args.peak_size = 8192 if args.device == "cuda" else 2048
-    if args.e2e_batches < 2:
-        p.error("--e2e-batches must be at least 2 (the first batch is not timed)")
-    args.warmup = max(args.warmup, 2)
-    expanded = (c for mode in args.compile for c in (("off", "on") if mode == "both" else (mode,)))
-    args.compile = list(dict.fromkeys(expanded))
-    if args.train_batch_sizes is None:
-        args.train_batch_sizes = list(args.batch_sizes)
+    args.peak_size = args.peak_size or (8192 if args.device == "cuda" else 2048)
+    args.warmup = max(args.warmup, 1)   # compiled variants compile again here after a later variant's reset
+    args.compile = list(dict.fromkeys(c for m in args.compile for c in (("off", "on") if m == "both" else (m,))))
     try:
         _settings(args.settings)
     except ValueError as e:
@@ -681,41 +594,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    args.allocator_tuned = args.allocator == "tuned" and tune_cpu_allocator()
-    if args.memory_probe:
+    if args.memory_probe:   # a fresh process: peak memory of one variant's training steps
         if args.threads:
             torch.set_num_threads(args.threads)
-        print(json.dumps({"peak_mem_mb": _memory_probe(args, torch.device(args.device))}))
+        variant = Variant(args.memory_probe, attention=args.memory_attention)
+        print(json.dumps({"peak_mem_mb": memory_probe(args, variant, args.memory_batch, torch.device(args.device))}))
         return {}
     report = run_benchmark(args)
-    print(format_table(report))
-    disturbed = [r["label"] + f" @{r['batch_size']}" for r in report["results"]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from speed_table import render
+
+    print(render(report))
+    disturbed = [f"{r['label']} @{r['batch_size']}" for r in report["results"]
                  if max(r["spread"], r["train_spread"] or 0.0) > DISTURBED]
     if disturbed:
-        print(f"warning: per-round times differ by more than {100 * DISTURBED:.0f}% for {', '.join(disturbed)} "
-              f"(load {report['env']['load_avg_start']:.1f}->{report['env']['load_avg_end']:.1f}): the machine "
-              f"was busy; re-run when it is quiet")
+        print(f"warning: per-round times differ by more than {DISTURBED:.0%} for {', '.join(disturbed)}: "
+              f"the machine was busy; re-run when it is quiet")
     path = args.json or ROOT / "benchmark_results" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
-    plot = plot_curve(report, args.plot or path.with_suffix(".png"))
-    print(f"wrote {plot}")
+    print(f"wrote {path} and {plot_curve(report, args.plot or path.with_suffix('.png'))}")
     return report
 
 
-def _reexec_with_huge_pages() -> None:
-    """Restart this script with glibc's heap on transparent huge pages (a tunable read only at start-up)."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables:
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES])))
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env)
-
-
 if __name__ == "__main__":
-    _args = parse_args()
-    if _args.allocator == "tuned" and not _args.memory_probe:
-        _reexec_with_huge_pages()
     main()

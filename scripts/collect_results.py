@@ -50,13 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-try:  # numpy-only table, importable without torch
-    from data.vtab_splits import VTAB_GROUPS, VTAB_TASKS, canonical_task
-except ImportError:  # pragma: no cover - older layouts keep the table in lib.data only
-    from lib.data import VTAB_GROUPS, VTAB_TASKS, canonical_task
+from data.vtab_splits import VTAB_GROUPS, VTAB_TASKS, canonical_task  # noqa: E402
 
 __all__ = ["load_run", "find_runs", "summarize", "group_means", "group_stats", "seed_stats", "welch",
-           "compare", "find_task_dirs", "experiment_name", "render_markdown", "render_compare", "write_csv",
+           "compare", "experiment_name", "render_markdown", "render_compare", "write_csv",
            "plot_curves", "plot_accuracy_vs_throughput", "collect", "main", "GROUP_KEYS", "TASK_ORDER",
            "SHORT_NAMES", "METRICS", "ALPHA", "write_compare_csv"]
 
@@ -79,7 +76,6 @@ METRICS: dict[str, tuple[str, str]] = {
     "last": ("last_acc1", "Last-epoch test top-1 (%)"),
     "selected": ("selected_acc1", "Validation-selected test top-1 (%) — VTAB's protocol (scripts/sweep.py)"),
 }
-METRIC_SHORT = {"best": "best test", "last": "last epoch", "selected": "val-selected"}
 RUN_FILES = ("log.txt", "final.json", "efficiency.json", "selected.json")
 SKIP_DIRS = ("sweep", "slurm")        # written by scripts/sweep.py / --slurm next to the task folders
 SEED_DIR = re.compile(r"seed(\d+)")
@@ -288,15 +284,6 @@ def find_runs(exp_dir: str | os.PathLike) -> list[Path]:
                 found.append(sub)
             found += [p for p in seeds if _has_run_files(p)]
     return found
-
-
-def find_task_dirs(exp_dir: str | os.PathLike) -> dict[str, Path]:
-    """Task name (canonical spelling) -> task folder (the parent of its seed folders, if any)."""
-    out: dict[str, Path] = {}
-    for run in find_runs(exp_dir):
-        folder = run.parent if SEED_DIR.fullmatch(run.name) else run
-        out.setdefault(load_run(run)["task"], folder)
-    return out
 
 
 def experiment_name(exp_dir: str | os.PathLike) -> str:

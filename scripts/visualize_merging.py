@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # dotted.key=value
 
-__all__ = ["build_model", "default_layers", "collect_sources", "source_to_labels", "render_groups",
+__all__ = ["load_model", "default_layers", "collect_sources", "source_to_labels", "render_groups",
            "visualize", "main"]
 
 
@@ -48,31 +48,21 @@ def _checkpoint_classes(path: str) -> int | None:
     return None
 
 
-def build_model(cfg: Any, checkpoint: str | None = None, pretrained: bool = True) -> tuple[Any, list[str]]:
-    """The config's model as train.py builds it, with source tracking, in eval mode, weights loaded.
-
-    Also returns the load reports (``loaded ... missing ...``) of the pretrained and fine-tuned weights.
-    """
-
-    from lib.build import build_model as build_training_model
+def load_model(cfg: Any, checkpoint: str | None = None, pretrained: bool = True) -> tuple[Any, list[str]]:
+    """The config's model from ``lib.build.build_model`` (which loads and logs ``model.pretrained`` unless
+    ``pretrained`` is False), with ``checkpoint`` loaded on top, source tracking on, in eval mode; and the
+    checkpoint's load report (``loaded ... missing ...``)."""
+    from lib.build import build_model
     from lib.data import task_num_classes
     from models import load_checkpoint
 
     num_classes = cfg.data.num_classes or task_num_classes(cfg.data.task, cfg.data.root)
     if checkpoint:
         num_classes = _checkpoint_classes(checkpoint) or num_classes
-    no_weights = cfg  # pretrained weights are loaded below, to report what was loaded
     # The head plays no part in the merging, so an unknown class count is harmless.
-    model = build_training_model(no_weights, num_classes or 1000, pretrained=False)
+    model = build_model(cfg, num_classes or 1000, pretrained=pretrained)
     model.trace_source = True
-    reports = []
-    if pretrained and cfg.model.pretrained:
-        if not Path(cfg.model.pretrained).is_file():
-            raise FileNotFoundError(f"model.pretrained not found: {cfg.model.pretrained} (see weight/README.md; "
-                                    f"--no-pretrained to use random backbone weights)")
-        reports.append(load_checkpoint(model, cfg.model.pretrained, kind="pretrained").summary())
-    if checkpoint:
-        reports.append(load_checkpoint(model, checkpoint).summary())
+    reports = [load_checkpoint(model, checkpoint).summary()] if checkpoint else []
     return model.eval(), reports
 
 
@@ -173,13 +163,13 @@ def _load_image(path: str, img_size: int, normalization: str) -> tuple[Any, np.n
 def visualize(image: str, cfg: Any, layers: Sequence[int] | None = None, out: str = "merge.png",
               checkpoint: str | None = None, fill: str = "mean", seed: int = 0,
               pretrained: bool = True) -> dict[str, Any]:
-    """Build, run and draw; returns per-layer token counts, group label maps and the load reports."""
+    """Build, run and draw; returns per-layer token counts, group label maps and the checkpoint's load report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model, reports = build_model(cfg, checkpoint, pretrained)
+    model, reports = load_model(cfg, checkpoint, pretrained)
     depth = len(model.blocks)
     layers = list(default_layers(depth) if not layers else layers)
     bad = [i for i in layers if not 0 <= i < depth]
@@ -231,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides += overrides
 
     from lib.config import ConfigError, load_config
+    from lib.logger import setup_logger
 
+    setup_logger(None)   # lib.build's lines: the pretrained weights' load report, clamped schedules
     try:
         cfg = load_config(args.config, args.overrides)
         result = visualize(args.image, cfg, args.layers, args.out, args.checkpoint, args.fill, args.seed,

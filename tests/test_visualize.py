@@ -110,7 +110,7 @@ def test_visualize_identity_before_merging_and_checkpoint(tmp_path: Path, image:
     path.write_text(TINY.format(r="[0, 8, 8, 8]"))
     cfg = load_config(path)
     # A fine-tuned checkpoint with another class count than the config's task: its head decides.
-    model, _ = vm.build_model(cfg, pretrained=False)
+    model, _ = vm.load_model(cfg, pretrained=False)
     ckpt = tmp_path / "ft.pth"
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     state.update({"head.weight": torch.randn(7, 48), "head.bias": torch.zeros(7)})
