@@ -13,7 +13,6 @@ import importlib
 import math
 import os
 import re
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,13 +158,6 @@ _SCHEMA = Schema(Config, runtime=["config_path"], free=["merging.r", "merging.py
 DEFAULTS: dict[str, Any] = {k: v for k, v in config_to_dict(Config()).items() if k != "config_path"}
 
 
-def _owners_loadable() -> bool:
-    """False when a script loaded lib.config with only models/backbones.py (a bare ``models`` package, as
-    scripts/common.sh and scripts/sweep.py do to skip torch's start-up): the checks that need the owners,
-    torch modules, are then left to train.py, which loads the config again with everything."""
-    return getattr(sys.modules.get("models"), "__file__", None) is not None
-
-
 def _allowed(key: str) -> tuple:
     module, name = _OWNERS[key]
     return tuple(getattr(importlib.import_module(module), name))
@@ -211,8 +203,7 @@ def _merging_errors(m: Mapping) -> tuple[list[str], bool]:
     return errors, pyra_on
 
 
-def _value_errors(cfg: Mapping) -> list[str]:
-    owners = _owners_loadable()
+def _value_errors(cfg: Mapping, owners: bool) -> list[str]:
     errors = [f"{k}: expected one of {', '.join(v or repr(v) for v in _allowed(k))}; got "
               f"{short_repr(get_dotted(cfg, k))}" for k in _OWNERS if owners and get_dotted(cfg, k) not in _allowed(k)]
     if not _DEVICE.fullmatch(cfg["train"]["device"]):
@@ -253,10 +244,15 @@ def _name_error(key: str, name: str, nested: bool) -> str | None:
     return f"{key}: {short_repr(name)} cannot name a folder: use {allowed}"
 
 
-def validate_config(cfg: Config | Mapping) -> None:
-    """Check keys, types and values of a complete config; raise ConfigError listing every problem."""
+def validate_config(cfg: Config | Mapping, model_checks: bool = True) -> None:
+    """Check keys, types and values of a complete config; raise ConfigError listing every problem.
+
+    ``model_checks=False`` leaves out what the model modules judge (allowed PEFT / pooling / method
+    values, the schedule, PYRA's variant: torch start-up), for scripts that only need names and paths
+    and start train.py, which checks everything.
+    """
     data = config_to_dict(cfg)
-    errors = _SCHEMA.structure_errors(data, None, complete=True) or _value_errors(data)
+    errors = _SCHEMA.structure_errors(data, None, complete=True) or _value_errors(data, model_checks)
     if errors:
         raise ConfigError(errors)
 
@@ -268,13 +264,15 @@ def _experiment_name(path: str | os.PathLike | None) -> str:
     return "/".join(parts[inside[-1] + 1:]) if inside else parts[-1]
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Config:
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
+                model_checks: bool = True) -> Config:
     """Defaults <- YAML file (with its `_base_` chain) <- "dotted.key=value" overrides, validated.
 
     Sets ``experiment`` (when empty) from the path under configs/, and ``config_path`` to ``path``.
+    ``model_checks``: see :func:`validate_config`.
     """
     data = _SCHEMA.layers(DEFAULTS, path, overrides)
-    validate_config(data)
+    validate_config(data, model_checks)
     if not data["experiment"]:
         data["experiment"] = _experiment_name(path)
         error = _name_error("experiment", data["experiment"], nested=True)

@@ -96,7 +96,7 @@ class MergingAttention(Attention):
 # The proportional-attention form each device runs by default, chosen by a same-run measurement
 # (scripts/benchmark.py --attention mask feature; README "Speed"). CPU: the mask, since PyTorch's CPU
 # flash kernel takes an additive mask at no extra cost while a head dim of 65 (or 72, 80) runs it
-# 2-3x slower. CUDA: not measured yet (no GPU lent), so the mask stays until a measurement says otherwise.
+# 2-3x slower. CUDA: not measured yet, so the mask stays until a measurement says otherwise.
 SIZE_BIAS_BY_DEVICE: dict[str, str] = {"cpu": "mask", "cuda": "mask"}
 SIZE_BIAS_FORMS = ("mask", "feature")
 

@@ -36,21 +36,13 @@ resolve_runs() {
     SCRIPT_NAME="$name" ALL_TASKS="${ALL_TASKS[*]}" "$PYTHON" - "$config" "$tasks" "$@" <<'PY'
 import os
 import sys
-import types
 
-# A bare models package tells lib.config to leave the checks that import torch (allowed enum values,
-# resolve_schedule) to train.py: seconds of start-up saved on a file-name lookup.
-if os.path.isfile(os.path.join("models", "backbones.py")) and "models" not in sys.modules:
-    package = types.ModuleType("models")
-    package.__path__ = [os.path.abspath("models")]
-    sys.modules["models"] = package
-
-from data.vtab_splits import TASK_ALIASES, canonical_task  # noqa: E402
-from lib.config import ConfigError, load_config  # noqa: E402
+from data.vtab_splits import TASK_ALIASES, canonical_task
+from lib.config import ConfigError, load_config
 
 config, tasks, overrides = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
 try:
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, model_checks=False)   # train.py checks the rest; no torch here
 except ConfigError as e:
     sys.exit(f"{os.environ['SCRIPT_NAME']}: {e}")
 print(os.path.join(cfg.output_dir, cfg.experiment))

@@ -42,23 +42,21 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-# Run as a script, a bare models package tells lib.config to leave the checks that import torch (allowed
-# enum values, resolve_schedule) to each train.py it starts: seconds of start-up saved, as this script
-# never builds a model. Imported as a module, leave the real package alone (the importer may need it).
-if __name__ == "__main__" and "models" not in sys.modules and (ROOT / "models" / "backbones.py").is_file():
-    _package = types.ModuleType("models")
-    _package.__path__ = [str(ROOT / "models")]
-    sys.modules["models"] = _package
-
 from data.vtab_splits import VTAB_GROUPS, canonical_task  # noqa: E402
-from lib.config import ConfigError, config_to_dict, load_config  # noqa: E402
+from lib.config import ConfigError, config_to_dict  # noqa: E402
+from lib.config import load_config as _load_config  # noqa: E402
+
+
+def load_config(*args: Any) -> Any:
+    """The sweep never builds a model: the checks that need torch (allowed enum values, the schedule, the
+    PYRA variant) are left to each train.py it starts, which loads the config with everything."""
+    return _load_config(*args, model_checks=False)
 
 __all__ = ["DEFAULT_GRID", "split_values", "parse_items", "grid_points", "point_name", "Sweep", "main"]
 
