@@ -125,11 +125,13 @@ def _split(grids: tuple[Grid, ...]) -> tuple[tuple[int, ...], tuple[int, ...], t
     """
     if len(grids) == 1:
         h, w = grids[0]
-        pos = torch.arange(h * w).view(h, w)
-        a = torch.cat([pos[::2, ::2].flatten(), pos[1::2, 1::2].flatten()])
-        b = torch.cat([pos[1::2, ::2].flatten(), pos[::2, 1::2].flatten()])
+
+        def cells(rows: int, cols: int) -> list[int]:   # row-major positions of rows % 2 == rows, cols % 2 == cols
+            return [i * w + j for i in range(rows, h, 2) for j in range(cols, w, 2)]
+
         kept = ((h // 2, (w + 1) // 2), ((h + 1) // 2, w // 2))
-        return tuple(a.tolist()), tuple(b.tolist()), tuple(g for g in kept if g[0] * g[1] > 0)
+        return (tuple(cells(0, 0) + cells(1, 1)), tuple(cells(1, 0) + cells(0, 1)),
+                tuple(g for g in kept if g[0] * g[1] > 0))
     (h1, w1), (h2, w2) = grids
     first = h1 * w1
     return tuple(range(first)), tuple(range(first, first + h2 * w2)), ((h2, w2),)
@@ -175,6 +177,11 @@ class FPET(TokenReduction):
         super().__init__(r, protected, dim, layer, options)
         self.grid = (int(grid[0]), int(grid[1]))
         self.head_dim = int(head_dim)
+        stages = checkerboard_stages(self.grid)
+        self._stage_sizes = tuple(s.num_tokens for s in stages)   # what the forward looks up (plain ints)
+        for k, stage in enumerate(stages):                         # index tensors that follow the module's device
+            self.register_buffer(f"stage{k}_a", torch.tensor(stage.a), persistent=False)
+            self.register_buffer(f"stage{k}_b", torch.tensor(stage.b), persistent=False)
         o = self.options
         # Only a layer built to merge learns a refinement (the official code: one, in its one FPET layer).
         self.refine = Refinement(self.head_dim, o.refine_dim, o.refine_bits, o.refine_dropout) if self.r > 0 else None
@@ -204,17 +211,16 @@ class FPET(TokenReduction):
         if self.r <= 0:
             return x, size, source
         p, n = self.protected, x.shape[1] - self.protected
-        stage = self.stage(n)
-        if stage is None:
+        if n not in self._stage_sizes:
             raise ValueError(f"FPET layer {self.layer}: {n} patch tokens are no stage of the checkerboard of a "
                              f"{self.grid[0]}x{self.grid[1]} patch grid (an image of another size?)")
-        if self.r < len(stage.a):
-            raise ValueError(self._partial_message(n, len(stage.a)))
+        k = self._stage_sizes.index(n)
+        a_idx, b_idx = getattr(self, f"stage{k}_a"), getattr(self, f"stage{k}_b")
+        if self.r < a_idx.shape[0]:
+            raise ValueError(self._partial_message(n, a_idx.shape[0]))
         if self.refine is None:
             raise ValueError(f"FPET layer {self.layer} was built with r = 0 and has no refinement adapter; "
                              f"rebuild the model with this merging schedule")
-        a_idx = torch.tensor(stage.a, device=x.device)
-        b_idx = torch.tensor(stage.b, device=x.device)
         with _fp32():
             m = metric.detach().float()
             m = m + self.refine(m)
