@@ -387,7 +387,10 @@ def test_generate_writes_idempotently_and_check_detects_drift(tmp_path, monkeypa
     assert generator.main(["--check"]) == 1                 # everything missing
     assert generator.main([]) == 0
     files = sorted(tmp_path.rglob("*.yaml"))
-    assert len(files) == 76                                 # 65 leaves + 6 model bases + 5 merging bases
+    from models.backbones import REDUCTION_SETTINGS
+    methods = sum(len(levels) for levels in REDUCTION_SETTINGS.values())   # lora_<method>_<level> leaves
+    assert len(files) == 76 + 9 + methods         # 65 leaves + 6 model bases + 5 merging bases + 9 ablation rows
+    assert len(list(tmp_path.glob("vit_b16/ablation/*.yaml"))) == 9
     snapshot = {p: p.read_text() for p in files}
     assert generator.main([]) == 0 and {p: p.read_text() for p in files} == snapshot
     assert generator.main(["--check"]) == 0
