@@ -11,12 +11,15 @@ checkpoint name that no longer matches models/backbones.py).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent
 sys.path.insert(0, str(CONFIGS.parent))
 
+from lib.yamlconf import ConfigError, parse_yaml  # noqa: E402
 from models.backbones import (  # noqa: E402
     ABLATION_LABELS,
     ABLATION_SETTINGS,
@@ -43,15 +46,50 @@ PEFT_DIRS: dict[str, tuple[str, ...]] = {"prompt": ("vit_b16",)}
 ABLATION_DIR = ("vit_b16", "lora")   # the ablation table's backbone directory and PEFT
 
 
-def _yaml_value(value: object) -> str:
-    """A YAML scalar or flow mapping of the settings tables (None, bools, strings, ints, flat mappings)."""
+def _yaml_text(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
-    return str(value)
+        return "{" + ", ".join(f"{_yaml_text(k)}: {_yaml_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"a settings value must be finite, got {value!r}")
+        return repr(value)                     # 0.1, 1e-05: YAML 1.2 floats, read back exactly
+    if isinstance(value, str) and _reads_back(value, value):
+        return value
+    return json.dumps(value)                   # a string YAML would read otherwise ("1e-3", "a: b"), quoted
+
+
+def _reads_back(text: str, value: object) -> bool:
+    try:
+        back = parse_yaml(f"v: {text}", "configs/generate.py")["v"]
+    except ConfigError:
+        return False
+    return _same(back, value)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal as config values: same types (bool is not int, int is not float), tuples read as lists."""
+    if isinstance(b, tuple):
+        b = list(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _yaml_value(value: object) -> str:
+    """A YAML value of the settings tables (None, bools, numbers, strings, lists, mappings) that the
+    project's loader reads back as exactly ``value``; a ValueError for one it would not."""
+    text = _yaml_text(value)
+    if not _reads_back(text, value):
+        raise ValueError(f"a settings value does not survive YAML: {value!r} is written {text!r}")
+    return text
 
 
 def merging_section(overrides: dict[str, object]) -> str:

@@ -12,7 +12,9 @@ used) or a :func:`register_reduction` call (a plugin, a test). The block knows n
 - the first ``protected`` tokens (class, distillation token, visual prompts) are never reduced and keep
   their positions: every method honours that;
 - parameters a method learns belong to the method's module, whose ``param_category`` decides that they
-  train (``models.peft.param_categories``), whatever they are called.
+  train (``models.peft.param_categories``), whatever they are called;
+- ``context`` names what the method must know of the model when it is built (``MODEL_CONTEXT``: the patch
+  grid, for a split by image position; the head width, the width of the ``metric``).
 """
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ import torch
 import torch.nn as nn
 
 __all__ = ["TokenReduction", "NoOptions", "REDUCTION_METHODS", "DEFAULT_METHOD", "ATTENTION_OUTPUTS",
-           "register_reduction", "get_reduction", "build_reduction", "clamp_schedule", "check_options"]
+           "register_reduction", "get_reduction", "build_reduction", "clamp_schedule", "check_options", "MODEL_CONTEXT"]
 
 DEFAULT_METHOD = "tome"
 # What MergingAttention can hand to a method, besides the tokens themselves.
 ATTENTION_OUTPUTS = ("metric", "cls_attn")
+# What the model can tell a method when it is built (keyword arguments of its __init__, if it declares them in
+# ``context``): "grid", the (rows, cols) of the patch grid; "head_dim", the width of one attention head.
+MODEL_CONTEXT = ("grid", "head_dim")
 
 Tokens = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]   # (x, size, source)
 
@@ -50,6 +55,7 @@ class TokenReduction(nn.Module):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"metric"})
+    context: ClassVar[frozenset[str]] = frozenset()   # of MODEL_CONTEXT, passed to __init__ as keywords
     Options: ClassVar[type] = NoOptions
     param_category: ClassVar[str] = "reduction"   # any parameter of a method trains, under this name
 
@@ -86,6 +92,7 @@ class TokenReduction(nn.Module):
 # name -> "module:Class" (imported when first used) or the class itself (register_reduction).
 REDUCTION_METHODS: dict[str, str | type[TokenReduction]] = {
     "tome": "models.tome:ToMe",
+    "fpet": "models.fpet:FPET",
 }
 
 
@@ -97,6 +104,9 @@ def register_reduction(name: str, cls: type[TokenReduction] | None = None):
         unknown = set(cls.needs) - set(ATTENTION_OUTPUTS)
         if unknown:
             raise ValueError(f"method {name!r} needs {sorted(unknown)}; the attention provides {ATTENTION_OUTPUTS}")
+        unknown = set(cls.context) - set(MODEL_CONTEXT)
+        if unknown:
+            raise ValueError(f"method {name!r} asks for {sorted(unknown)}; the model tells {MODEL_CONTEXT}")
         REDUCTION_METHODS[name] = cls
         return cls
     return add if cls is None else add(cls)
@@ -131,12 +141,17 @@ def check_options(method: str, options: Mapping[str, Any] | None) -> Any:
 
 
 def build_reduction(method: str, r: int, protected: int, dim: int, layer: int | None = None,
-                    options: Any = None) -> TokenReduction:
-    """One layer's reduction module of ``method``; ``options`` a mapping or the method's ``Options``."""
+                    options: Any = None, context: Mapping[str, Any] | None = None) -> TokenReduction:
+    """One layer's reduction module of ``method``; ``options`` a mapping or the method's ``Options``;
+    ``context`` what the model tells (``MODEL_CONTEXT``), of which the method gets what it declares."""
     cls = get_reduction(method)
     if options is None or isinstance(options, Mapping):
         options = check_options(method, options)
-    return cls(r, protected=protected, dim=dim, layer=layer, options=options)
+    context = dict(context or {})
+    missing = sorted(set(cls.context) - set(context))
+    if missing:
+        raise ValueError(f"method {method!r} is built knowing the model's {', '.join(missing)}: pass it in context")
+    return cls(r, protected=protected, dim=dim, layer=layer, options=options, **{k: context[k] for k in cls.context})
 
 
 def clamp_schedule(reductions: Sequence[TokenReduction], num_tokens: int) -> list[int]:

@@ -455,9 +455,10 @@ def set_reduction(model: VisionTransformer, method: str = DEFAULT_METHOD, option
     """
     options = check_options(method, options) if options is None or isinstance(options, Mapping) else options
     device = model.blocks[0].norm1.weight.device
+    context = {"grid": tuple(model.patch_embed.grid_size), "head_dim": model.blocks[0].attn.head_dim}
     for i, block in enumerate(model.blocks):
         block.reduction = build_reduction(method, block.r, block.protected, model.embed_dim, layer=i,
-                                          options=options).to(device)
+                                          options=options, context=context).to(device)
 
 
 def add_pyra(model: VisionTransformer, variant: PYRAVariant | bool | Mapping = True) -> None:
@@ -550,9 +551,9 @@ def create_model(
         add_prompts(model, dim, prompt_mode, peft_dropout)
     init_peft(model, peft_init)
     variant = parse_pyra(pyra)
-    set_reduction(model, method, method_options)
-
     requested = resolve_schedule(merging, name, len(model.blocks))
+    model.r = requested   # each layer's method is built knowing its r (a method may learn only where r > 0)
+    set_reduction(model, method, method_options)
     schedule = effective_schedule(model, requested)
     if schedule != requested:
         warnings.warn(f"merging schedule {requested} asks for more tokens than the "
