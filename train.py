@@ -36,6 +36,7 @@ from lib.runs import RunFolderError, RunLock, check_writable, config_changes
 from models import CheckpointError, param_report, trainable_state_dict
 from models.checkpoint import check_checkpoint_file
 from models.pyra import rename_earlier_keys
+from models.reduction import learned_records
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"
 EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE = 2, 3, 4
@@ -187,6 +188,12 @@ def _comparable(ckpt: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[st
     return ckpt["resolved_config"], config_to_dict(resolve_config(cfg, probe))
 
 
+def write_learned_records(model: nn.Module, out: Path) -> None:
+    """What a reduction method learned (DiffRate's search: diffrate_rates.json), beside the checkpoint it matches."""
+    for stem, record in learned_records(model).items():
+        atomic_write(out / f"{stem}.json", lambda tmp, r=record: Path(tmp).write_text(json.dumps(r, indent=2)))
+
+
 def write_run_config(cfg: Any, path: Path, history: list[str]) -> None:
     """config.yaml with the recorded config changes as comment lines under its header."""
     save_config(cfg, path)
@@ -336,6 +343,7 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
                 if board is not None:
                     board.append(record)
             save(out / "last.pth", epoch + 1, epoch_state)
+            write_learned_records(model, out)
             if record is not None and best["epoch"] == epoch:
                 atomic_write(out / "best.pth", lambda tmp: shutil.copyfile(out / "last.pth", tmp))
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 from .reduction import TokenReduction, Tokens
 
 __all__ = ["DiffRate", "DiffRateOptions", "RATES_FILE", "reduce_tokens", "relaxed_step", "keep_distribution",
+           "kept_count",
            "sort_by_class_attention", "ste_ceil", "ste_min"]
 
 RATES_FILE = "diffrate_rates"   # <run>/diffrate_rates.json: what a search writes, what ``rates:`` reads
@@ -219,17 +220,26 @@ def reduce_tokens(x: torch.Tensor, size: torch.Tensor | None, source: torch.Tens
     return x, size, source
 
 
+def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off: the rounded count must not depend on the AMP dtype."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
+def kept_count(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The expected candidate count, rounded up (straight-through): DiffRate's differentiable kept count."""
+    with _fp32(logits.device):
+        return ste_ceil(torch.dot(candidates, logits.float().softmax(dim=-1)))   # dot: the official matmul of vectors
+
+
 def keep_distribution(logits: torch.Tensor, candidates: torch.Tensor, num_tokens: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept count (expected candidate, rounded up; straight-through) and, for each of ``num_tokens`` ranks,
-    the probability that it is kept (that the drawn count exceeds the rank)."""
-    device = logits.device.type
-    with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext():
-        probs = logits.float().softmax(dim=-1)   # fp32 under AMP: the rounded count must not depend on the dtype
-        count = ste_ceil(torch.matmul(candidates, probs))
+    """The kept count (:func:`kept_count`) and, for each of ``num_tokens`` ranks, the probability that it is kept
+    (that the drawn count exceeds the rank)."""
+    with _fp32(logits.device):
+        probs = logits.float().softmax(dim=-1)
         ranks = torch.arange(num_tokens, device=logits.device, dtype=candidates.dtype)
         keep_prob = probs @ (candidates[:, None] > ranks[None, :]).to(probs.dtype)
-    return count, keep_prob
+    return kept_count(logits, candidates), keep_prob
 
 
 def _token_mask(num_tokens: int, protected: int, kept: int, upto: int, keep_prob: torch.Tensor) -> torch.Tensor:
@@ -415,8 +425,8 @@ class DiffRate(TokenReduction):
         if "prune_logits" not in self._parameters:
             return n, n
         with torch.no_grad():
-            return tuple(int(keep_distribution(logits, self.candidates, n)[0].item())
-                         for logits in (self.prune_logits, self.merge_logits))
+            return tuple(int(kept_count(logits, self.candidates).item()) for logits in (self.prune_logits,
+                                                                                        self.merge_logits))
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None, source: torch.Tensor | None, *,
                 trace_source: bool = False, cls_attn: torch.Tensor | None = None) -> Tokens:
