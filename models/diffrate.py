@@ -32,8 +32,7 @@ import torch.nn as nn
 from .reduction import TokenReduction, Tokens
 
 __all__ = ["DiffRate", "DiffRateOptions", "RATES_FILE", "reduce_tokens", "relaxed_step", "keep_distribution",
-           "kept_count",
-           "sort_by_class_attention", "ste_ceil", "ste_min"]
+           "kept_count", "sort_by_class_attention", "ste_ceil", "ste_min"]
 
 RATES_FILE = "diffrate_rates"   # <run>/diffrate_rates.json: what a search writes, what ``rates:`` reads
 # During the search a dropped token's size is multiplied by this: proportional attention (log size) then gives it

@@ -1,17 +1,15 @@
 """DiffRate (models/diffrate.py) against outputs of the official code (tests/data/golden/diffrate/), its token counts
-per layer, protected tokens, LoRA, torch.compile / torch.export, the FLOPs penalty, both phases through train.py
-and its config errors."""
+per layer, protected tokens, LoRA, torch.compile / torch.export, the FLOPs penalty, both phases through train.py's
+command line, and its config errors."""
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import train as train_script
 from lib.benchmark import tokens_per_layer
 from lib.build import build_model
 from lib.config import ConfigError, load_config
@@ -306,10 +304,7 @@ def train_run(config: Path, out: Path, digits_root: Path, *extra: str) -> Path:
             "model.depth=2", "model.num_heads=2", "peft.dim=4", "data.num_workers=0", "train.batch_size=50",
             "train.epochs=1", "sched.warmup_epochs=0", "report.benchmark_batch=8", "report.benchmark_seconds=0.05",
             *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert train_script.main(args) == 0
     return out / "t" / "digits" / "seed0"
 
 
