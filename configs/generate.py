@@ -11,6 +11,7 @@ checkpoint name that no longer matches models/backbones.py).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -44,11 +45,18 @@ ABLATION_DIR = ("vit_b16", "lora")   # the ablation table's backbone directory a
 
 
 def _yaml_value(value: object) -> str:
-    """A YAML scalar or flow mapping of the settings tables (None, bools, strings, ints, flat mappings)."""
+    """A YAML scalar or flow collection of the settings tables (None, bools, strings, numbers, lists, mappings)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float):   # 1e-05 -> 1.0e-05: a float for every YAML reader, not only YAML 1.2
+        if not math.isfinite(value):
+            return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+        mantissa, e, exponent = repr(value).partition("e")
+        return (mantissa if "." in mantissa else mantissa + ".0") + e + exponent
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
     return str(value)

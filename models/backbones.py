@@ -65,7 +65,19 @@ MERGING_LABELS: dict[str, str] = {
 # Reduction methods beside ToMe at the compression of ToMe's low / high (fvcore multiply-adds within 5 %):
 # method -> {"low": overrides, "high": overrides}. configs/generate.py writes
 # configs/vit_b16/lora_<method>_<level>.yaml (ViT-B/16 + LoRA, official recipe) from it.
-REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {}
+# DiffRate: every layer after the first keeps a geometric share of the patches (196·ρ^l; ρ = 0.854 low, 0.676
+# high), two thirds of each layer's reduction merged and one third pruned, and the last layer keeps 4 (only the
+# class token is read after it); models/diffrate.md. A search (merging.options.search) replaces them.
+REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "diffrate": {
+        "low": {"merging.method": "diffrate", "merging.options": {
+            "prune_kept": [196, 177, 151, 129, 110, 94, 80, 69, 58, 50, 42, 4],
+            "merge_kept": [196, 167, 143, 122, 104, 89, 76, 65, 55, 47, 40, 4]}},
+        "high": {"merging.method": "diffrate", "merging.options": {
+            "prune_kept": [196, 153, 104, 71, 48, 32, 22, 15, 10, 7, 5, 4],
+            "merge_kept": [196, 132, 90, 61, 41, 28, 19, 13, 9, 6, 4, 4]}},
+    },
+}
 
 _HIGH = {"merging.r": "high"}
 ABLATION_SETTINGS: dict[str, dict[str, Any]] = {
