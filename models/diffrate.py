@@ -331,18 +331,20 @@ class _Plan:
         """Multiply-adds of one image: the official formula with each block's linear costs read from the model.
 
         ``kept``: per layer the (pruned, merged) token counts with the protected ones, as tensors (the search:
-        straight-through) or ints; default: the evaluation counts.
+        straight-through) or ints, or None for a layer that kept everything; default: the evaluation counts.
         """
         c = self.costs
         if kept is None:
             kept = [(p + self.protected, m + self.protected) for p, m in self.counts()]
         n = self.num_tokens
-        if kept and isinstance(kept[0][0], torch.Tensor):
-            n = torch.tensor(float(n), device=kept[0][0].device)
+        tensors = [k[0] for k in kept if k is not None and isinstance(k[0], torch.Tensor)]
+        if tensors:
+            n = torch.tensor(float(n), device=tensors[0].device)
         total = c["stem"] + c["head"]
-        for (attn, mlp), (prune, merge) in zip(c["blocks"], kept):
+        for (attn, mlp), counts in zip(c["blocks"], kept):
             total = total + attn * n + c["attention"] * n * n
-            n = ste_min(n, prune, merge) if isinstance(n, torch.Tensor) else min(n, prune, merge)
+            if counts is not None:
+                n = ste_min(n, *counts) if isinstance(n, torch.Tensor) else min(n, *counts)
             total = total + mlp * n
         return total
 
@@ -505,8 +507,8 @@ class DiffRate(TokenReduction):
         plan = layers[0]._plan
         if plan is None or not plan.options.search or not layers[0].training:
             return None
-        kept = [layer._kept for layer in layers]
-        if any(k is None for k in kept):
+        kept = [layer._kept for layer in layers]   # None: a layer switched off (r = 0) kept everything
+        if all(k is None for k in kept):
             return None
         for layer in layers:
             layer._kept = None
