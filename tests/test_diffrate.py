@@ -199,7 +199,7 @@ def test_protected_tokens_stay_unmasked_during_the_search():
 
 # --- PEFT, the search's parameters, the FLOPs penalty -----------------------------------------------------------
 
-def test_lora_composes_and_the_search_trains_only_the_rates():
+def test_lora_and_adapters_compose_and_the_search_trains_only_the_rates():
     fixed = tiny(FIXED)
     categories = param_categories(fixed)
     trainable = {categories[n] for n, p in fixed.named_parameters() if p.requires_grad}
@@ -207,6 +207,10 @@ def test_lora_composes_and_the_search_trains_only_the_rates():
     fixed.train()(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in fixed.named_parameters()
                if p.requires_grad and "lora_down" in n)
+
+    adapter = tiny(FIXED, peft="adapter").train()
+    adapter(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert adapter.r == fixed.r and all(p.grad is not None for n, p in adapter.named_parameters() if p.requires_grad)
 
     search = tiny({"search": True, "target_flops": 1e6})
     names = [n for n, p in search.named_parameters() if p.requires_grad]
