@@ -46,6 +46,7 @@ from lib.runs import RunFolderError, RunLock, check_writable, config_changes
 from models import CheckpointError, param_report, trainable_state_dict
 from models.checkpoint import check_checkpoint_file
 from models.pyra import rename_earlier_keys
+from models.reduction import learned_records
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"
 EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE, EXIT_NO_SPACE = 2, 3, 4, 5
@@ -213,6 +214,12 @@ def _comparable(ckpt: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[st
     return ckpt["resolved_config"], config_to_dict(resolve_config(cfg, probe))
 
 
+def write_learned_records(model: nn.Module, out: Path) -> None:
+    """What a reduction method learned (DiffRate's search: diffrate_rates.json), beside the checkpoint it matches."""
+    for stem, record in learned_records(model).items():
+        atomic_write(out / f"{stem}.json", lambda tmp, r=record: Path(tmp).write_text(json.dumps(r, indent=2)))
+
+
 def write_run_config(cfg: Any, path: Path, history: list[str]) -> None:
     """config.yaml with the recorded config changes as comment lines under its header."""
     save_config(cfg, path)
@@ -367,6 +374,7 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
             if record is not None and best["epoch"] == epoch:  # best.pth first: if either write fails (a full
                 save(out / "best.pth", epoch + 1, epoch_state)  # disk), last.pth still holds the epoch before,
             save(out / "last.pth", epoch + 1, epoch_state)      # which a resumed run trains again, exactly
+            write_learned_records(model, out)
 
     if board is not None:
         board.close()

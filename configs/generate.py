@@ -47,18 +47,20 @@ ABLATION_DIR = ("vit_b16", "lora")   # the ablation table's backbone directory a
 
 
 def _yaml_text(value: object) -> str:
+    """The YAML spelling of one settings value (checked to read back by :func:`_yaml_value`)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float):   # 1e-05 -> 1.0e-05: a float for every YAML reader, not only YAML 1.2
+        if not math.isfinite(value):
+            return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+        mantissa, e, exponent = repr(value).partition("e")
+        return (mantissa if "." in mantissa else mantissa + ".0") + e + exponent
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_yaml_text(k)}: {_yaml_text(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"a settings value must be finite, got {value!r}")
-        return repr(value)                     # 0.1, 1e-05: YAML 1.2 floats, read back exactly
     if isinstance(value, str) and _reads_back(value, value):
         return value
     return json.dumps(value)                   # a string YAML would read otherwise ("1e-3", "a: b"), quoted

@@ -38,7 +38,7 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 def build_model(cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """The configured model with ``model.pretrained`` loaded (and its load report logged).
+    """The configured model with ``model.pretrained`` and then ``model.adapted`` loaded (load reports logged).
 
     Seeded with ``cfg.seed``, so weights that no file provides (a backbone trained from scratch, fresh
     PEFT/PYRA/head) are the same wherever the model is built.
@@ -55,4 +55,9 @@ def build_model(cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Mo
             raise CheckpointError(f"model.pretrained: {path} not found (see weight/README.md for where each "
                                   f"checkpoint comes from; model.pretrained='' trains from random weights)")
         log.info(load_checkpoint(model, path, kind="pretrained", allow_unused=cfg.model.allow_partial).summary())
+    adapted = cfg.model.adapted   # a run's trained PEFT / head (a reduction method's search starts from one)
+    if pretrained and adapted:
+        if not Path(adapted).is_file():
+            raise CheckpointError(f"model.adapted: {adapted} not found (a run's last.pth or best.pth)")
+        log.info(load_checkpoint(model, adapted, kind="finetuned").summary())
     return model

@@ -36,6 +36,7 @@ class ModelConfig:
     name: str = "vit_base_patch16_224_in21k"  # a models.backbones name, or "vit" (custom sizes below)
     pretrained: str = ""                      # checkpoint path; "" = random weights (demo, tests)
     allow_partial: bool = False               # load a pretrained file with tensors this model does not use
+    adapted: str = ""                         # a run's last.pth / best.pth loaded after it ("" = none)
     img_size: int = bounded(224, 1)
     global_pool: str = ""                     # "" = the backbone's own (class token; MAE: avg)
     embed_dim: int | None = bounded(None, 1)  # sizes: None = the named backbone's own; required for "vit"

@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from models.reduction import auxiliary_loss
+
 from .distributed import all_reduce_sum, is_main
 
 __all__ = ["PRECISIONS", "autocast_ctx", "EpochState", "NonFiniteLossError", "train_one_epoch", "evaluate"]
@@ -80,6 +82,9 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         with autocast_ctx(device, precision):
             loss = F.cross_entropy(model(images), targets)
+            extra = auxiliary_loss(model)   # a reduction method's own term (DiffRate's search: its FLOPs penalty)
+            if extra is not None:
+                loss = loss + extra
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {state.step}; stopping")
         optimizer.zero_grad(set_to_none=True)

@@ -59,21 +59,32 @@ MERGING_LABELS: dict[str, str] = {
     "pyra_low": "PYRA, low compression", "pyra_high": "PYRA, high compression",
 }
 
-# The rows of the paper's ablation (ViT-B/16 + LoRA 8, high compression): plain ToMe, PYRA's partial forms
-# and two other weight generators (models/pyra.py, formulas in models/README.md). configs/generate.py
-# writes configs/vit_b16/ablation/<name>.yaml from them.
 # Reduction methods beside ToMe at the compression of ToMe's low / high (fvcore multiply-adds within 5 %):
 # method -> {"low": overrides, "high": overrides}. configs/generate.py writes
 # configs/vit_b16/lora_<method>_<level>.yaml (ViT-B/16 + LoRA, official recipe) from it.
 # FPET merges a whole checkerboard half in each of its layers (models/fpet.py): the official code has one such layer
 # (block 6: 13.47 G), so the two levels place three. fvcore, explicit attention, ViT-B/16 + LoRA 8, 100 classes:
 # low (blocks 3, 6, 9) 8.739 G = ToMe low -0.9 %; high (blocks 0, 3, 7) 5.075 G = ToMe high -0.4 %.
+# DiffRate: every layer after the first keeps a geometric share of the patches (196·ρ^l; ρ = 0.854 low, 0.676
+# high), two thirds of each layer's reduction merged and one third pruned, and the last layer keeps 4 (only the
+# class token is read after it); models/diffrate.md. A search (merging.options.search) replaces them.
 _FPET = {"merging.pyra": False, "merging.options": {"refine_dim": 32, "refine_bits": 1, "refine_dropout": 0.1}}
 REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "diffrate": {
+        "low": {"merging.method": "diffrate", "merging.options": {
+            "prune_kept": [196, 177, 151, 129, 110, 94, 80, 69, 58, 50, 42, 4],
+            "merge_kept": [196, 167, 143, 122, 104, 89, 76, 65, 55, 47, 40, 4]}},
+        "high": {"merging.method": "diffrate", "merging.options": {
+            "prune_kept": [196, 153, 104, 71, 48, 32, 22, 15, 10, 7, 5, 4],
+            "merge_kept": [196, 132, 90, 61, 41, 28, 19, 13, 9, 6, 4, 4]}},
+    },
     "fpet": {"low": {"merging.method": "fpet", "merging.r": [0, 0, 0, 98, 0, 0, 49, 0, 0, 25, 0, 0], **_FPET},
              "high": {"merging.method": "fpet", "merging.r": [98, 0, 0, 49, 0, 0, 0, 25, 0, 0, 0, 0], **_FPET}},
 }
 
+# The rows of the paper's ablation (ViT-B/16 + LoRA 8, high compression): plain ToMe, PYRA's partial forms
+# and two other weight generators (models/pyra.py, formulas in models/README.md). configs/generate.py
+# writes configs/vit_b16/ablation/<name>.yaml from them.
 _HIGH = {"merging.r": "high"}
 ABLATION_SETTINGS: dict[str, dict[str, Any]] = {
     "tome": {**_HIGH, "merging.pyra": False},

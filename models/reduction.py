@@ -15,6 +15,12 @@ used) or a :func:`register_reduction` call (a plugin, a test). The block knows n
   train (``models.peft.param_categories``), whatever they are called;
 - ``context`` names what the method must know of the model when it is built (``MODEL_CONTEXT``: the patch
   grid, for a split by image position; the head width, the width of the ``metric``).
+
+A method that learns its own per-layer counts (DiffRate) also acts on the whole model, through three class
+methods that receive its layers in order (no-ops by default): ``setup`` once the model is built (it may size
+itself and return its own schedule, which replaces ``merging.r``), ``auxiliary_loss`` (a training loss term the
+engine adds) and ``learned_record`` (what it learned, written to the run folder as JSON); ``trains_alone``
+marks a search phase in which only the method's parameters train.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["TokenReduction", "NoOptions", "REDUCTION_METHODS", "DEFAULT_METHOD", "ATTENTION_OUTPUTS",
-           "register_reduction", "get_reduction", "build_reduction", "clamp_schedule", "check_options", "MODEL_CONTEXT"]
+           "register_reduction", "get_reduction", "build_reduction", "clamp_schedule", "check_options",
+           "MODEL_CONTEXT", "setup_reductions", "auxiliary_loss", "learned_records"]
 
 DEFAULT_METHOD = "tome"
 # What MergingAttention can hand to a method, besides the tokens themselves.
@@ -58,6 +65,7 @@ class TokenReduction(nn.Module):
     context: ClassVar[frozenset[str]] = frozenset()   # of MODEL_CONTEXT, passed to __init__ as keywords
     Options: ClassVar[type] = NoOptions
     param_category: ClassVar[str] = "reduction"   # any parameter of a method trains, under this name
+    trains_alone: bool = False                     # a search phase: only the method's parameters train
 
     def __init__(self, r: int, protected: int = 1, dim: int = 0, layer: int | None = None,
                  options: Any = None) -> None:
@@ -88,11 +96,28 @@ class TokenReduction(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r}, protected={self.protected}, layer={self.layer}"
 
+    # Model-level hooks: ``layers`` are the model's modules of this class, in block order.
+    @classmethod
+    def setup(cls, model: nn.Module, layers: Sequence[TokenReduction]) -> list[int] | None:
+        """Once the model is built: the per-layer ``r`` the method sets itself (None: it follows ``merging.r``)."""
+        return None
+
+    @classmethod
+    def auxiliary_loss(cls, layers: Sequence[TokenReduction]) -> torch.Tensor | None:
+        """A loss term of the last training forward that the engine adds to the task loss (None: none)."""
+        return None
+
+    @classmethod
+    def learned_record(cls, layers: Sequence[TokenReduction]) -> dict[str, Any] | None:
+        """What the method learned, ``{file stem: JSON-able data}``, written to the run folder (None: nothing)."""
+        return None
+
 
 # name -> "module:Class" (imported when first used) or the class itself (register_reduction).
 REDUCTION_METHODS: dict[str, str | type[TokenReduction]] = {
     "tome": "models.tome:ToMe",
     "fpet": "models.fpet:FPET",
+    "diffrate": "models.diffrate:DiffRate",
 }
 
 
@@ -152,6 +177,41 @@ def build_reduction(method: str, r: int, protected: int, dim: int, layer: int | 
     if missing:
         raise ValueError(f"method {method!r} is built knowing the model's {', '.join(missing)}: pass it in context")
     return cls(r, protected=protected, dim=dim, layer=layer, options=options, **{k: context[k] for k in cls.context})
+
+
+def _methods(model: nn.Module) -> dict[type[TokenReduction], list[TokenReduction]]:
+    """The reduction modules of a model (or of a DDP / compiled wrapper) grouped by class, in block order."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    groups: dict[type[TokenReduction], list[TokenReduction]] = {}
+    for module in model.modules():
+        if isinstance(module, TokenReduction):
+            groups.setdefault(type(module), []).append(module)
+    return groups
+
+
+def setup_reductions(model: nn.Module) -> list[int] | None:
+    """Run each method's ``setup``; the per-layer schedule a method sets itself, or None (``merging.r`` decides)."""
+    schedule = None
+    for cls, layers in _methods(model).items():
+        own = cls.setup(model, layers)
+        if own is not None:
+            schedule = list(own)
+    return schedule
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the methods' auxiliary losses of the last training forward (None: no method has one)."""
+    terms = [t for cls, layers in _methods(model).items() if (t := cls.auxiliary_loss(layers)) is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def learned_records(model: nn.Module) -> dict[str, Any]:
+    """``{file stem: data}`` of what the methods learned (empty for methods that learn no counts)."""
+    records: dict[str, Any] = {}
+    for cls, layers in _methods(model).items():
+        records.update(cls.learned_record(layers) or {})
+    return records
 
 
 def clamp_schedule(reductions: Sequence[TokenReduction], num_tokens: int) -> list[int]:

@@ -25,10 +25,10 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .backbones import get_backbone, named_schedule
-from .peft import PEFT_TYPES, add_adapters, add_lora, init_peft, mark_trainable
+from .peft import PEFT_TYPES, add_adapters, add_lora, init_peft, mark_trainable, param_categories
 from .prompt import DEFAULT_PROMPT_LENGTH, PROMPT_MODES, add_prompts
 from .pyra import PYRAVariant, Reactivation, build_pyra, parse_pyra
-from .reduction import DEFAULT_METHOD, TokenReduction, build_reduction, check_options, clamp_schedule
+from .reduction import DEFAULT_METHOD, TokenReduction, build_reduction, check_options, clamp_schedule, setup_reductions
 from .tome import Schedule, ToMe, parse_r
 
 __all__ = ["MergingAttention", "MergingBlock", "TokenMergingMixin", "apply_patch", "add_pyra", "set_reduction",
@@ -520,7 +520,8 @@ def create_model(
     warning) → PYRA (``pyra``: True for the paper's, or a variant mapping, ``models.pyra.PYRAVariant``) →
     freeze. Weights are random: load a pretrained checkpoint
     with ``models.load_checkpoint``. Only the PEFT modules (or prompts), the head(s) and PYRA are
-    trainable (everything for ``peft="full"``). Extra ``kwargs`` go to timm (e.g. ``global_pool``).
+    trainable (everything for ``peft="full"``; only the reduction's parameters in a method's search phase,
+    ``trains_alone``). Extra ``kwargs`` go to timm (e.g. ``global_pool``).
     ``peft="prompt"``: ``peft_dim`` prompt tokens (default 10), ``prompt_mode`` ``"shallow"`` or
     ``"deep"``, ``peft_dropout`` on the prompts; ``peft_init`` does not apply (VPT's init).
     """
@@ -554,6 +555,12 @@ def create_model(
     requested = resolve_schedule(merging, name, len(model.blocks))
     model.r = requested   # each layer's method is built knowing its r (a method may learn only where r > 0)
     set_reduction(model, method, method_options)
+    own = setup_reductions(model)   # a method that sets its own per-layer counts (DiffRate): they are the schedule
+    if own is not None:
+        if merging is not None and requested != own:
+            raise ValueError(f"merging.r: method {method!r} sets its own per-layer counts (merging.options), which "
+                             f"remove {own}; leave merging.r null (got {merging!r})")
+        requested = own
     schedule = effective_schedule(model, requested)
     if schedule != requested:
         warnings.warn(f"merging schedule {requested} asks for more tokens than the "
@@ -562,4 +569,8 @@ def create_model(
     model.r = schedule
     add_pyra(model, variant)
     mark_trainable(model, peft)
+    if any(block.reduction.trains_alone for block in model.blocks):   # a method's search phase
+        categories = param_categories(model)
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(categories[param_name] == "reduction")
     return model

@@ -38,7 +38,7 @@ from lib.config import (
     validate_config,
 )
 from models import parse_r, resolve_schedule
-from models.backbones import BACKBONES, SCHEDULES, named_schedule
+from models.backbones import ABLATION_SETTINGS, BACKBONES, REDUCTION_SETTINGS, SCHEDULES, named_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -337,12 +337,14 @@ LEAVES = [(b, p, m) for b in LEAF_MODELS for p in ("lora", "adapter") for m in L
 LEAVES += [("vit_b16", "prompt", m) for m in LEAF_MERGING]          # visual prompts: ViT-B/16 only
 
 
+# the other reduction methods at ToMe's FLOPs (models.backbones.REDUCTION_SETTINGS): ViT-B/16 + LoRA only
+METHOD_LEAVES = [f"vit_b16/lora_{m}_{level}.yaml" for m, levels in REDUCTION_SETTINGS.items() for level in levels]
+
+
 def test_the_grid_has_its_65_leaves_and_nothing_else():
     assert len(LEAVES) == 65
-    from models.backbones import REDUCTION_SETTINGS
-    methods = [f"vit_b16/lora_{m}_{level}.yaml" for m, levels in REDUCTION_SETTINGS.items() for level in levels]
     found = sorted(p.relative_to(CONFIGS).as_posix() for b in LEAF_MODELS for p in (CONFIGS / b).glob("*.yaml"))
-    assert found == sorted([f"{b}/{p}_{m}.yaml" for b, p, m in LEAVES] + methods)   # + the other methods' leaves
+    assert found == sorted([f"{b}/{p}_{m}.yaml" for b, p, m in LEAVES] + METHOD_LEAVES)
 
 
 @pytest.mark.parametrize("backbone, peft, merging", LEAVES)
@@ -389,9 +391,8 @@ def test_generate_writes_idempotently_and_check_detects_drift(tmp_path, monkeypa
     assert generator.main(["--check"]) == 1                 # everything missing
     assert generator.main([]) == 0
     files = sorted(tmp_path.rglob("*.yaml"))
-    from models.backbones import REDUCTION_SETTINGS
-    methods = sum(len(levels) for levels in REDUCTION_SETTINGS.values())   # lora_<method>_<level> leaves
-    assert len(files) == 76 + 9 + methods         # 65 leaves + 6 model bases + 5 merging bases + 9 ablation rows
+    # 65 leaves + 6 model bases + 5 merging bases + the ablation rows + the other methods' leaves
+    assert len(files) == 76 + len(ABLATION_SETTINGS) + len(METHOD_LEAVES)
     assert len(list(tmp_path.glob("vit_b16/ablation/*.yaml"))) == 9
     snapshot = {p: p.read_text() for p in files}
     assert generator.main([]) == 0 and {p: p.read_text() for p in files} == snapshot
