@@ -16,20 +16,22 @@ import logging
 import shutil
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from lib.benchmark import count_flops, measure_throughput, merged_speedup, tokens_per_layer
 from lib.build import build_model
 from lib.checkpointing import atomic_write, load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state
 from lib.config import ConfigError, config_to_dict, load_config, resolve_config, save_config
 from lib.data import DataError, build_dataset, canonical_task, check_class_counts
-from lib.distributed import all_reduce_sum, cleanup, init_distributed, is_main, select_device
+from lib.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, is_main, select_device
 from lib.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
-from lib.loaders import build_eval_loader, build_train_loader
+from lib.loaders import GlobalBatchSampler, build_eval_loader, build_train_loader
 from lib.logger import JsonLog, TensorBoardLog, setup_logger
 from lib.optim import build_optimizer, build_scheduler
 from lib.runs import RunFolderError, RunLock, check_writable, config_changes
@@ -213,12 +215,62 @@ def train(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool = Fa
             lock.release()
 
 
-def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path, lock: RunLock | None,
+@dataclass
+class Training:
+    """What the epochs train with, built once per run."""
+
+    model: nn.Module                     # the module checkpointed and evaluated
+    step_model: nn.Module                # what the training steps call (DDP-wrapped under several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    train_loader: DataLoader
+    sampler: GlobalBatchSampler
+    loader_gen: torch.Generator
+    eval_loader: DataLoader
+
+
+@dataclass
+class Progress:
+    """Where a run is: the next epoch, how far into it, the best accuracy so far, and the recorded config changes."""
+
+    next_epoch: int = 0
+    epoch_state: EpochState = field(default_factory=EpochState)
+    best: dict[str, Any] = field(default_factory=lambda: {"acc1": -1.0, "epoch": -1})
+    history: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunFiles:
+    """The run folder's writers: checkpoints, log.txt (and TensorBoard) — rank 0 writes, other ranks skip."""
+
+    out: Path
+    cfg: Any
+    resolved: Any
+    json_log: JsonLog
+    board: TensorBoardLog | None
+
+    def save(self, path: Path, parts: Training, progress: Progress, next_epoch: int, state: EpochState) -> None:
+        if not is_main():
+            return
+        save_run_checkpoint(
+            path, model=trainable_state_dict(parts.model), optimizer=parts.optimizer.state_dict(),
+            scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict() if parts.scaler else None,
+            next_epoch=next_epoch, epoch_state=vars(state).copy(), best=progress.best, rng=rng_state(),
+            config=config_to_dict(self.cfg), resolved_config=config_to_dict(self.resolved),
+            config_history=progress.history)
+
+    def record_epoch(self, record: dict[str, Any] | None) -> None:
+        if is_main() and record is not None:
+            self.json_log.append(record)
+            if self.board is not None:
+                self.board.append(record)
+
+
+def _train(cfg: Any, dist: DistInfo, device: torch.device, stop: StopFlag, out: Path, lock: RunLock | None,
            ckpt: dict[str, Any] | None, changes: list[str]) -> dict[str, Any]:
-    if dist.enabled:  # every rank resumes from what rank 0 read
-        holder = [ckpt]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        ckpt = holder[0]
+    """One run from its checked start to final.json: data, model, the epochs, the summary."""
+    ckpt = share_checkpoint(ckpt, dist)
     setup_logger(out / "train.log", is_main())
     log.info(f"run: {out}  (device {device}, {dist.world_size} process(es))")
     if lock is not None and lock.note():
@@ -226,8 +278,46 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
     history = list(ckpt.get("config_history", [])) if ckpt else []
     for line in changes:
         log.warning(line)
-    history += changes
+    train_set, eval_set = build_datasets(cfg, dist)
+    model = build_model(cfg, train_set.num_classes).to(device)
+    eff = efficiency_report(model, cfg, device)
+    log_efficiency(eff)
+    resolved = resolve_config(cfg, model)  # the rank, per-layer r and sizes that really train
+    if is_main():
+        write_run_config(resolved, out / "config.yaml", history + changes)
+        atomic_write(out / "efficiency.json", lambda tmp: Path(tmp).write_text(json.dumps(eff, indent=2)))
+    parts = build_training(cfg, model, train_set, eval_set, dist, device)
+    files = RunFiles(out, cfg, resolved, JsonLog(out / "log.txt"), open_board(cfg, out))
+    progress = Progress(history=history + changes)
+    if ckpt is not None:
+        progress = restore(ckpt, parts, changes, out, progress.history)
+        if is_main():
+            files.json_log.truncate_to(progress.next_epoch)
+        log.info(f"resumed: epoch {progress.next_epoch}, step {progress.epoch_state.step}")
+    if dist.enabled:
+        parts.step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    if stop():
+        log.info(f"stopped by signal {stop.signal} before training started; nothing to save")
+        return {"interrupted": True, "signal": stop.signal}
+    interrupted = train_epochs(cfg, parts, progress, files, stop, eff["n_parameters"], device)
+    if files.board is not None:
+        files.board.close()
+    return interrupted or finish(cfg, parts.model, progress, out, device)
+
+
+def share_checkpoint(ckpt: dict[str, Any] | None, dist: DistInfo) -> dict[str, Any] | None:
+    """Every rank resumes from what rank 0 read."""
+    if not dist.enabled:
+        return ckpt
+    holder = [ckpt]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def build_datasets(cfg: Any, dist: DistInfo) -> tuple[Any, Any]:
+    """The training and evaluation splits, checked against each other and the batch size."""
     train_set = build_dataset(cfg.data, cfg.data.train_split, cfg.model.img_size, is_train=True)
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.model.img_size, is_train=False)
     check_class_counts(train_set, eval_set)
@@ -238,15 +328,12 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train_set)} images of "
                           f"split {cfg.data.train_split!r}, and train.drop_last=true would drop them all")
     log.info(f"data: {train_set} / {eval_set}")
+    return train_set, eval_set
 
-    model = build_model(cfg, train_set.num_classes).to(device)
-    eff = efficiency_report(model, cfg, device)
-    log_efficiency(eff)
-    resolved = resolve_config(cfg, model)  # the rank, per-layer r and sizes that really train
-    if is_main():
-        write_run_config(resolved, out / "config.yaml", history)
-        atomic_write(out / "efficiency.json", lambda tmp: Path(tmp).write_text(json.dumps(eff, indent=2)))
 
+def build_training(cfg: Any, model: nn.Module, train_set: Any, eval_set: Any, dist: DistInfo,
+                   device: torch.device) -> Training:
+    """Loaders, optimizer, schedule and (fp16) loss scaler for ``model``."""
     pin = device.type == "cuda"
     train_loader, sampler, loader_gen = build_train_loader(train_set, cfg.train.batch_size, dist, cfg.seed,
                                                            cfg.data.num_workers, cfg.train.drop_last, pin)
@@ -254,91 +341,86 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    return Training(model, model, optimizer, scheduler, scaler, train_loader, sampler, loader_gen, eval_loader)
 
-    json_log = JsonLog(out / "log.txt")
+
+def open_board(cfg: Any, out: Path) -> TensorBoardLog | None:
     try:
-        board = TensorBoardLog(out) if cfg.log.tensorboard and is_main() else None
+        return TensorBoardLog(out) if cfg.log.tensorboard and is_main() else None
     except ImportError as e:
         raise ConfigError(str(e)) from None
-    start_epoch, epoch_state, best = 0, EpochState(), {"acc1": -1.0, "epoch": -1}
-    if ckpt is not None:
-        missing = [k for k in trainable_state_dict(model) if k not in ckpt["model"]]
-        if missing:
-            raise CheckpointError(f"{out / 'last.pth'} lacks trainable parameters {missing[:5]} of this config")
-        model.load_state_dict(ckpt["model"], strict=False)
-        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if changes:  # the new recipe's hyper-parameters, the old moments; the schedule is the new one
-            for group, fresh in zip(optimizer.param_groups, configured):
-                group.update(fresh)
-        else:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best = ckpt["next_epoch"], ckpt["best"]
-        epoch_state = EpochState(**ckpt.get("epoch_state", {}))
-        set_rng_state(ckpt["rng"])
-        if is_main():
-            json_log.truncate_to(start_epoch)
-        log.info(f"resumed: epoch {start_epoch}, step {epoch_state.step}")
 
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
-    n_parameters = eff["n_parameters"]
 
-    def save(path: Path, next_epoch: int, state: EpochState) -> None:
-        if not is_main():
-            return
-        save_run_checkpoint(
-            path, model=trainable_state_dict(model), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-            next_epoch=next_epoch, epoch_state=vars(state).copy(), best=best, rng=rng_state(),
-            config=config_to_dict(cfg), resolved_config=config_to_dict(resolved), config_history=history)
+def restore(ckpt: dict[str, Any], parts: Training, changes: list[str], out: Path, history: list[str]) -> Progress:
+    """Weights, optimizer, schedule, scaler and RNG from a run checkpoint; with accepted config changes the
+    new recipe's hyper-parameters and schedule apply to the old moments."""
+    model, optimizer = parts.model, parts.optimizer
+    missing = [k for k in trainable_state_dict(model) if k not in ckpt["model"]]
+    if missing:
+        raise CheckpointError(f"{out / 'last.pth'} lacks trainable parameters {missing[:5]} of this config")
+    model.load_state_dict(ckpt["model"], strict=False)
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if changes:
+        for group, fresh in zip(optimizer.param_groups, configured):
+            group.update(fresh)
+    else:
+        parts.scheduler.load_state_dict(ckpt["scheduler"])
+    if parts.scaler is not None and ckpt.get("scaler"):
+        parts.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return Progress(ckpt["next_epoch"], EpochState(**ckpt.get("epoch_state", {})), ckpt["best"], history)
 
-    if stop():
-        log.info(f"stopped by signal {stop.signal} before training started; nothing to save")
-        return {"interrupted": True, "signal": stop.signal}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        scheduler.step(epoch)  # epoch e trains at lr(e)
-        sampler.set_position(epoch, epoch_state.step)
-        loader_gen.manual_seed(cfg.seed * 1000 + epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        epoch_state = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch, epoch_state,
-                                      cfg.train.precision, scaler, cfg.optim.clip_grad, should_stop=stop)
-        if not epoch_state.finished:
-            save(out / "last.pth", epoch, epoch_state)
-            log.info(f"stopped by signal {stop.signal} at epoch {epoch}, step {epoch_state.step}; "
+
+def train_epochs(cfg: Any, parts: Training, progress: Progress, files: RunFiles, stop: StopFlag,
+                 n_parameters: int, device: torch.device) -> dict[str, Any] | None:
+    """The remaining epochs, each checkpointed; returns the interruption if a signal stopped them."""
+    out = files.out
+    for epoch in range(progress.next_epoch, cfg.train.epochs):
+        parts.scheduler.step(epoch)  # epoch e trains at lr(e)
+        parts.sampler.set_position(epoch, progress.epoch_state.step)
+        parts.loader_gen.manual_seed(cfg.seed * 1000 + epoch)
+        lr = parts.optimizer.param_groups[0]["lr"]
+        state = train_one_epoch(parts.step_model, parts.train_loader, parts.optimizer, device, epoch,
+                                progress.epoch_state, cfg.train.precision, parts.scaler, cfg.optim.clip_grad,
+                                should_stop=stop)
+        if not state.finished:
+            files.save(out / "last.pth", parts, progress, epoch, state)
+            log.info(f"stopped by signal {stop.signal} at epoch {epoch}, step {state.step}; "
                      f"saved {out / 'last.pth'} — continue with --resume auto")
             return {"interrupted": True, "signal": stop.signal}
-        train_loss, train_samples = all_reduce_sum([epoch_state.loss_sum, epoch_state.samples], device)
-        record = None
-        if epoch % cfg.train.eval_interval == 0 or epoch == cfg.train.epochs - 1:
-            stats = evaluate(model, eval_loader, device, cfg.train.precision)
-            if stats["acc1"] > best["acc1"]:
-                best = {"acc1": stats["acc1"], "epoch": epoch}
-            record = {"train_lr": lr, "train_loss": train_loss / train_samples, "test_loss": stats["loss"],
-                      "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
-                      "n_parameters": n_parameters, "best_acc1": best["acc1"],
-                      "epoch_time": epoch_state.seconds}
-            log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {record['train_loss']:.4f} "
-                     f"test_loss {stats['loss']:.4f} acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f} "
-                     f"(best {best['acc1']:.2f} @ {best['epoch']}) {epoch_state.seconds:.1f}s")
-        else:
-            log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {train_loss / train_samples:.4f} "
-                     f"{epoch_state.seconds:.1f}s")
-        epoch_state = EpochState()
-        if is_main():
-            if record is not None:
-                json_log.append(record)
-                if board is not None:
-                    board.append(record)
-            save(out / "last.pth", epoch + 1, epoch_state)
-            if record is not None and best["epoch"] == epoch:
-                atomic_write(out / "best.pth", lambda tmp: shutil.copyfile(out / "last.pth", tmp))
+        record = end_of_epoch(cfg, parts, progress, epoch, lr, state, n_parameters, device)
+        progress.next_epoch, progress.epoch_state = epoch + 1, EpochState()
+        files.record_epoch(record)
+        files.save(out / "last.pth", parts, progress, epoch + 1, progress.epoch_state)
+        if is_main() and record is not None and progress.best["epoch"] == epoch:
+            atomic_write(out / "best.pth", lambda tmp: shutil.copyfile(out / "last.pth", tmp))
+    return None
 
-    if board is not None:
-        board.close()
+
+def end_of_epoch(cfg: Any, parts: Training, progress: Progress, epoch: int, lr: float, state: EpochState,
+                 n_parameters: int, device: torch.device) -> dict[str, Any] | None:
+    """The epoch's train loss over all ranks and, on evaluation epochs, the log.txt record (best updated)."""
+    train_loss, train_samples = all_reduce_sum([state.loss_sum, state.samples], device)
+    if not (epoch % cfg.train.eval_interval == 0 or epoch == cfg.train.epochs - 1):
+        log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {train_loss / train_samples:.4f} {state.seconds:.1f}s")
+        return None
+    stats = evaluate(parts.model, parts.eval_loader, device, cfg.train.precision)
+    best = progress.best
+    if stats["acc1"] > best["acc1"]:
+        best.update(acc1=stats["acc1"], epoch=epoch)
+    record = {"train_lr": lr, "train_loss": train_loss / train_samples, "test_loss": stats["loss"],
+              "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
+              "n_parameters": n_parameters, "best_acc1": best["acc1"], "epoch_time": state.seconds}
+    log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {record['train_loss']:.4f} "
+             f"test_loss {stats['loss']:.4f} acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f} "
+             f"(best {best['acc1']:.2f} @ {best['epoch']}) {state.seconds:.1f}s")
+    return record
+
+
+def finish(cfg: Any, model: nn.Module, progress: Progress, out: Path, device: torch.device) -> dict[str, Any]:
+    """final.json: best and last accuracy, the config and (opt-in) the merged-vs-unmerged speed-up."""
+    best = progress.best
     last = json.loads((out / "log.txt").read_text().splitlines()[-1]) if is_main() else {}
     final = {"best_acc1": best["acc1"], "best_epoch": best["epoch"], "last_acc1": last.get("test_acc1"),
              "epochs": cfg.train.epochs, "finished": True, "config": config_to_dict(cfg)}
