@@ -29,7 +29,7 @@ from lib.build import build_model
 from lib.checkpointing import atomic_write, load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state
 from lib.config import ConfigError, config_to_dict, load_config, resolve_config, save_config
 from lib.data import DataError, build_dataset, canonical_task, check_class_counts
-from lib.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, is_main, select_device
+from lib.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, is_main, on_main, select_device
 from lib.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
 from lib.loaders import GlobalBatchSampler, build_eval_loader, build_train_loader
 from lib.logger import JsonLog, TensorBoardLog, setup_logger
@@ -41,6 +41,8 @@ from models.checkpoint import check_checkpoint_file
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"
 EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE = 2, 3, 4
 UNRELIABLE_SPREAD = 0.25  # per-round speed-up ratios spread wider than this: the timing is not trustworthy
+# what rank 0 may refuse a run with; every rank then raises the same error (main's exit codes apply)
+REFUSALS = (ConfigError, CheckpointError, RunFolderError, FileExistsError, DataError)
 RUN_FILES = ("log.txt", "train.log", "config.yaml", "efficiency.json", "last.pth", "best.pth", "final.json")
 
 log = logging.getLogger("pyra")
@@ -116,7 +118,8 @@ def log_efficiency(eff: dict[str, Any]) -> None:
 
 
 class StopFlag:
-    """Set by Ctrl-C (SIGINT) and SIGTERM/SIGUSR1 (cluster pre-emption): finish the step, checkpoint, exit.
+    """Set by Ctrl-C (SIGINT) and SIGTERM/SIGUSR1 (cluster pre-emption): training stops at its next flag
+    check (within ``lib.engine.CHECK_EVERY`` steps, the same step on every rank), checkpoints and exits.
 
     ``signal`` is the number received (on any rank), so the process can exit with 128 + it.
     """
@@ -157,7 +160,12 @@ def start_run(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool
     out = run_dir(cfg)
     made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # top folder this run creates
     check_writable(out)
-    lock = RunLock(out).acquire()
+    try:
+        lock = RunLock(out).acquire()
+    except RunFolderError:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     try:
         resume_from = prepare_run_dir(out, resume, overwrite)
         ckpt, changes = None, []
@@ -198,12 +206,17 @@ def write_run_config(cfg: Any, path: Path, history: list[str]) -> None:
 
 
 def train(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool = False) -> dict[str, Any]:
-    dist = init_distributed("cuda" if cfg.train.device.startswith("cuda") or (
-        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dist = init_distributed(device_type(cfg.train.device))
     device = select_device(cfg.train.device, dist)
     stop = StopFlag(device)
-    out, lock, ckpt, changes, made = start_run(cfg, resume, overwrite, allow_change) if is_main() else (
-        run_dir(cfg), None, None, [], None)
+    opened: dict[str, Any] = {}
+
+    def open_run() -> tuple[dict[str, Any] | None, list[str]]:
+        _, opened["lock"], ckpt, changes, opened["made"] = start_run(cfg, resume, overwrite, allow_change)
+        return ckpt, changes
+
+    ckpt, changes = on_main(open_run, REFUSALS)  # a refusal on rank 0 ends every rank with its message
+    out, lock, made = run_dir(cfg), opened.get("lock"), opened.get("made")
     try:
         return _train(cfg, dist, device, stop, out, lock, ckpt, changes)
     except BaseException:
@@ -213,6 +226,11 @@ def train(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool = Fa
     finally:
         if lock is not None:
             lock.release()
+
+
+def device_type(name: str) -> str:
+    """``cuda`` or ``cpu``: what ``train.device`` resolves to (the process group's backend follows it)."""
+    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 @dataclass
@@ -270,7 +288,6 @@ class RunFiles:
 def _train(cfg: Any, dist: DistInfo, device: torch.device, stop: StopFlag, out: Path, lock: RunLock | None,
            ckpt: dict[str, Any] | None, changes: list[str]) -> dict[str, Any]:
     """One run from its checked start to final.json: data, model, the epochs, the summary."""
-    ckpt = share_checkpoint(ckpt, dist)
     setup_logger(out / "train.log", is_main())
     log.info(f"run: {out}  (device {device}, {dist.world_size} process(es))")
     if lock is not None and lock.note():
@@ -305,15 +322,6 @@ def _train(cfg: Any, dist: DistInfo, device: torch.device, stop: StopFlag, out: 
     if files.board is not None:
         files.board.close()
     return interrupted or finish(cfg, parts.model, progress, out, device)
-
-
-def share_checkpoint(ckpt: dict[str, Any] | None, dist: DistInfo) -> dict[str, Any] | None:
-    """Every rank resumes from what rank 0 read."""
-    if not dist.enabled:
-        return ckpt
-    holder = [ckpt]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def build_datasets(cfg: Any, dist: DistInfo) -> tuple[Any, Any]:
@@ -458,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_EXISTS
     except NonFiniteLossError as e:
-        log.error(str(e))
+        if is_main():
+            log.error(str(e))  # into train.log
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     finally:

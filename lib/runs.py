@@ -3,6 +3,7 @@ that never mixes recipes (every result-changing config difference is refused or 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -16,6 +17,10 @@ __all__ = ["RunFolderError", "RunLock", "check_writable", "config_changes", "NEU
 # Keys that cannot change a run's results: they may differ freely between a run and its resumption.
 NEUTRAL_KEYS = ("experiment", "output_dir", "config_path", "data.root", "data.num_workers", "train.eval_batch_size",
                 "train.device", "report", "log")
+
+
+# flock's answers when another process holds the lock; any other error means no working flock here
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 class RunFolderError(RuntimeError):
@@ -55,7 +60,14 @@ class RunLock:
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in _HELD:
+                f.close()
+                if self.created:
+                    self.path.unlink(missing_ok=True)
+                raise RunFolderError(f"cannot lock {self.path}: the file system does not support flock "
+                                     f"({e.strerror or e}); put output_dir= on a file system that does "
+                                     f"(a local disk, or NFS with locking enabled)") from None
             holder = _read_holder(f)
             f.close()
             raise RunFolderError(f"{self.path.parent} is in use by another run ({_describe(holder)}); "

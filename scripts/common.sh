@@ -28,6 +28,7 @@ resolve_config() {
 #   2. TASKS canonicalised (task folder names as train.py writes them)
 #   3. "task:spelling,spelling ..." - every folder name a run of a task may have
 #   4. the config's seed (the default of SEEDS)
+#   5. train.device, 6. data.num_workers (what NPROC and a SLURM array's CPU request depend on)
 # A bad config or override fails here with exit code 2, before anything runs.
 resolve_runs() {
     local name="$1" config="$2" tasks="$3"
@@ -61,6 +62,8 @@ print(" ".join(canonical_task(t) for t in tasks))
 spellings = sorted({canonical_task(t) for t in tasks + os.environ["ALL_TASKS"].split()})
 print(" ".join(f"{t}:" + ",".join([t] + [a for a, c in TASK_ALIASES.items() if c == t]) for t in spellings))
 print(cfg.seed)
+print(cfg.train.device)
+print(cfg.data.num_workers)
 PY
 }
 
