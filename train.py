@@ -26,10 +26,26 @@ from torch.utils.data import DataLoader
 
 from lib.benchmark import count_flops, measure_throughput, merged_speedup, tokens_per_layer
 from lib.build import build_model
-from lib.checkpointing import atomic_write, load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state
+from lib.checkpointing import (
+    atomic_write,
+    load_run_checkpoint,
+    rng_state,
+    save_run_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from lib.config import ConfigError, config_to_dict, load_config, resolve_config, save_config
 from lib.data import DataError, build_dataset, canonical_task, check_class_counts
-from lib.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, is_main, on_main, select_device
+from lib.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    cleanup,
+    init_distributed,
+    is_main,
+    on_main,
+    select_device,
+)
 from lib.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
 from lib.loaders import GlobalBatchSampler, build_eval_loader, build_train_loader
 from lib.logger import JsonLog, TensorBoardLog, setup_logger
@@ -267,14 +283,17 @@ class RunFiles:
     resolved: Any
     json_log: JsonLog
     board: TensorBoardLog | None
+    device: torch.device
 
     def save(self, path: Path, parts: Training, progress: Progress, next_epoch: int, state: EpochState) -> None:
+        """A checkpoint with every rank's RNG state (called on every rank: the states are gathered)."""
+        rngs = all_gather_objects(rng_state(self.device))
         if not is_main():
             return
         save_run_checkpoint(
             path, model=trainable_state_dict(parts.model), optimizer=parts.optimizer.state_dict(),
             scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict() if parts.scaler else None,
-            next_epoch=next_epoch, epoch_state=vars(state).copy(), best=progress.best, rng=rng_state(),
+            next_epoch=next_epoch, epoch_state=vars(state).copy(), best=progress.best, rng=rngs,
             config=config_to_dict(self.cfg), resolved_config=config_to_dict(self.resolved),
             config_history=progress.history)
 
@@ -304,10 +323,12 @@ def _train(cfg: Any, dist: DistInfo, device: torch.device, stop: StopFlag, out: 
         write_run_config(resolved, out / "config.yaml", history + changes)
         atomic_write(out / "efficiency.json", lambda tmp: Path(tmp).write_text(json.dumps(eff, indent=2)))
     parts = build_training(cfg, model, train_set, eval_set, dist, device)
-    files = RunFiles(out, cfg, resolved, JsonLog(out / "log.txt"), open_board(cfg, out))
+    files = RunFiles(out, cfg, resolved, JsonLog(out / "log.txt"), open_board(cfg, out), device)
     progress = Progress(history=history + changes)
+    seed_everything(cfg.seed + dist.rank)  # the model is built (the same on every rank): now a stream per rank
     if ckpt is not None:
         progress = restore(ckpt, parts, changes, out, progress.history)
+        restore_rng(ckpt["rng"], dist, device, cfg.seed + 1000 * (progress.next_epoch + 1))
         if is_main():
             files.json_log.truncate_to(progress.next_epoch)
         log.info(f"resumed: epoch {progress.next_epoch}, step {progress.epoch_state.step}")
@@ -360,7 +381,7 @@ def open_board(cfg: Any, out: Path) -> TensorBoardLog | None:
 
 
 def restore(ckpt: dict[str, Any], parts: Training, changes: list[str], out: Path, history: list[str]) -> Progress:
-    """Weights, optimizer, schedule, scaler and RNG from a run checkpoint; with accepted config changes the
+    """Weights, optimizer, schedule and scaler from a run checkpoint; with accepted config changes the
     new recipe's hyper-parameters and schedule apply to the old moments."""
     model, optimizer = parts.model, parts.optimizer
     missing = [k for k in trainable_state_dict(model) if k not in ckpt["model"]]
@@ -376,8 +397,21 @@ def restore(ckpt: dict[str, Any], parts: Training, changes: list[str], out: Path
         parts.scheduler.load_state_dict(ckpt["scheduler"])
     if parts.scaler is not None and ckpt.get("scaler"):
         parts.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
     return Progress(ckpt["next_epoch"], EpochState(**ckpt.get("epoch_state", {})), ckpt["best"], history)
+
+
+def restore_rng(saved: list[dict[str, Any]] | dict[str, Any], dist: DistInfo, device: torch.device,
+                fresh_seed: int) -> None:
+    """Each rank continues its own random stream. A checkpoint of another number of processes cannot say
+    what this rank's stream was: every rank then starts a fresh one (``fresh_seed + rank``), with a warning."""
+    states = saved if isinstance(saved, list) else [saved]   # older checkpoints: rank 0's state only
+    if len(states) == dist.world_size:
+        set_rng_state(states[dist.rank], device)
+        return
+    log.warning(f"the checkpoint holds the random streams of {len(states)} process(es), this run has "
+                f"{dist.world_size}: each rank starts a fresh one (seed {fresh_seed} + rank); the data order "
+                f"is the same, dropout and drop-path masks differ from an uninterrupted run")
+    seed_everything(fresh_seed + dist.rank)
 
 
 def train_epochs(cfg: Any, parts: Training, progress: Progress, files: RunFiles, stop: StopFlag,

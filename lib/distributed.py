@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lib.config import ConfigError
 
 __all__ = ["DistInfo", "launch_env", "first_host", "slurm_port", "init_distributed", "is_main", "all_reduce_sum",
-           "cleanup", "select_device", "local_cuda_index", "on_main"]
+           "all_gather_objects", "cleanup", "select_device", "local_cuda_index", "on_main"]
 
 T = TypeVar("T")
 
@@ -113,6 +113,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` for a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def on_main(fn: Callable[[], T], shared: tuple[type[Exception], ...] = (ConfigError,)) -> T:

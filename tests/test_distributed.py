@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import lib.checkpointing as checkpointing
 import lib.distributed as distributed
 import lib.engine
 import train as train_script
@@ -172,6 +175,45 @@ def test_sbatch_environment_trains_as_one_process(digits_root, stopped_run, tmp_
     assert log.count("(device cpu, 1 process(es))") == 2 and (run_folder(out) / "final.json").exists()
 
 
+def test_checkpoint_with_8_cuda_rng_states_resumes_with_2_visible(digits_root, stopped_run, tmp_path, monkeypatch,
+                                                                 restore_signals):
+    out = tmp_path / "out"
+    shutil.copytree(stopped_run, out)
+    path = run_folder(out) / "last.pth"
+    ckpt = torch.load(path, weights_only=True)
+    # written by a single process on an 8-GPU node, in the older form (one state, one entry per visible GPU)
+    ckpt["rng"] = {**ckpt["rng"][0], "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}
+    torch.save(ckpt, path)
+    restored, real_restore = [], train_script.restore_rng
+
+    def two_gpus_visible():   # only while the RNG is restored: the rest of the run stays on the CPU
+        mp = pytest.MonkeyPatch()
+        mp.setattr(torch.cuda, "is_available", lambda: True)
+        mp.setattr(torch.cuda, "device_count", lambda: 2)
+        mp.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((int(state[0]), device)))
+        return mp
+
+    def restore_where_2_are_visible(*a, **kw):
+        mp = two_gpus_visible()
+        try:
+            return real_restore(*a, **kw)
+        finally:
+            mp.undo()
+
+    monkeypatch.setattr(train_script, "restore_rng", restore_where_2_are_visible)
+    assert train_script.main(args(digits_root, out, "train.epochs=2", "train.batch_size=50", "--resume", "auto")) == 0
+    assert restored == [(0, 0), (1, 1)] and (run_folder(out) / "final.json").exists()
+    # a rank's own state (a tensor) goes to this process's device
+    restored.clear()
+    mp = two_gpus_visible()
+    try:
+        checkpointing.set_rng_state({**ckpt["rng"], "cuda": torch.full((16,), 5, dtype=torch.uint8)},
+                                    torch.device("cuda", 1))
+    finally:
+        mp.undo()
+    assert restored == [(5, torch.device("cuda", 1))]
+
+
 # ---------------------------------------------------------------------------------------------- the lock
 @pytest.mark.parametrize("code, message", [(errno.ENOLCK, "the file system does not support flock"),
                                            (errno.EWOULDBLOCK, "is in use by another run")])
@@ -216,3 +258,68 @@ def test_non_finite_loss_on_rank_1_only_ends_both(digits_root, tmp_path, wrapper
     assert exit_codes(proc) == [4, 4] and len(lines) == 2 and lines[0] == lines[1], proc.stdout + proc.stderr
     assert "loss is nan at epoch 0, step 2 on rank 1" in lines[0]
     assert not (run_folder(tmp_path) / "last.pth").exists()
+
+
+# --------------------------------------------------------- two processes, started once for several runs
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, runs: list[tuple[list[str], int, int]], results: Path) -> None:
+    """One of 2 gloo ranks: ``train.main(argv)`` for each run (its own rendezvous port) with the dropout
+    masks recorded and, on rank 0, a pre-emption signal at a given training step (0: none)."""
+    os.environ.update(OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    real_ce, real_dropout = F.cross_entropy, F.dropout
+    calls, masks, stop_at = [0], [], [0]
+
+    def cross_entropy(logits, target, **kw):
+        if kw.get("reduction") != "sum":
+            calls[0] += 1
+            if calls[0] == stop_at[0] and rank == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return real_ce(logits, target, **kw)
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        out = real_dropout(x, p, training, inplace)
+        if training and p > 0 and len(masks) < 4:
+            masks.append((out == 0).flatten()[:256].int().tolist())
+        return out
+
+    F.cross_entropy, F.dropout = cross_entropy, dropout
+    codes = []
+    for argv, port, stop_at_call in runs:
+        os.environ["MASTER_PORT"] = str(port)
+        calls[0], stop_at[0] = 0, stop_at_call
+        masks.clear()
+        codes.append(train_script.main(argv))
+        (results / f"masks_run{len(codes)}_rank{rank}.json").write_text(json.dumps(masks))
+    (results / f"codes_rank{rank}.json").write_text(json.dumps(codes))
+
+
+def two_ranks(runs: list[tuple[list[str], int]], results: Path) -> list[list[int]]:
+    """Exit codes, per run, of 2 gloo ranks running ``train.main(argv)`` for each ``(argv, stop_at_call)``."""
+    runs = [(argv, _free_port(), stop) for argv, stop in runs]
+    torch.multiprocessing.spawn(_rank_main, args=(runs, results), nprocs=2, join=True)
+    per_rank = [json.loads((results / f"codes_rank{r}.json").read_text()) for r in range(2)]
+    return [list(codes) for codes in zip(*per_rank)]
+
+
+def test_ranks_draw_their_own_dropout_masks_and_resume_to_identical_weights(digits_root, tmp_path):
+    run = ["train.epochs=2", "train.batch_size=50", "peft.dropout=0.5", "model.drop_path_rate=0.2"]
+    stopped = tmp_path / "stopped"
+    # 20 steps per epoch: a SIGUSR1 to rank 0 at epoch 1, step 1 stops both ranks at their next flag check
+    codes = two_ranks([(args(digits_root, tmp_path / "straight", *run), 0),
+                       (args(digits_root, stopped, *run), 20 + 2),
+                       (args(digits_root, stopped, *run, "--resume", "auto"), 0)], tmp_path)
+    assert codes == [[0, 0], [128 + signal.SIGUSR1] * 2, [0, 0]]
+    masks = [json.loads((tmp_path / f"masks_run1_rank{r}.json").read_text()) for r in range(2)]
+    assert len(masks[0]) == 4 and masks[0] != masks[1]                 # seed + rank: each rank its own stream
+    straight = torch.load(run_folder(tmp_path / "straight") / "last.pth", weights_only=True)
+    resumed = torch.load(run_folder(stopped) / "last.pth", weights_only=True)
+    assert len(resumed["rng"]) == 2 and "resumed: epoch 1, step 10" in (run_folder(stopped) / "train.log").read_text()
+    assert straight["model"].keys() == resumed["model"].keys()
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
