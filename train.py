@@ -34,7 +34,7 @@ from lib.checkpointing import (
     seed_everything,
     set_rng_state,
 )
-from lib.config import ConfigError, config_to_dict, load_config, resolve_config, save_config
+from lib.config import DEFAULTS, ConfigError, config_to_dict, load_config, resolve_config, save_config
 from lib.data import DataError, build_dataset, canonical_task, check_class_counts
 from lib.distributed import (
     DistInfo,
@@ -46,7 +46,7 @@ from lib.distributed import (
     on_main,
     select_device,
 )
-from lib.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
+from lib.engine import EpochState, NonFiniteLossError, apply_tf32, compile_model, evaluate, train_one_epoch
 from lib.loaders import GlobalBatchSampler, build_eval_loader, build_train_loader
 from lib.logger import JsonLog, TensorBoardLog, setup_logger
 from lib.optim import build_optimizer, build_scheduler
@@ -187,7 +187,7 @@ def start_run(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool
         ckpt, changes = None, []
         if resume_from is not None:
             ckpt = load_run_checkpoint(resume_from)
-            diff = config_changes(*_comparable(ckpt, cfg))
+            diff = config_changes(*_comparable(ckpt, cfg), defaults=DEFAULTS)
             if diff and not allow_change:
                 lines = "\n  ".join(f"{k}: run {a!r} -> now {b!r}" for k, a, b in diff)
                 raise ConfigError(f"resuming {resume_from} with a different recipe changes its results; "
@@ -260,8 +260,8 @@ class Training:
     scaler: torch.amp.GradScaler | None
     train_loader: DataLoader
     sampler: GlobalBatchSampler
-    loader_gen: torch.Generator
     eval_loader: DataLoader
+    eval_model: nn.Module                # what evaluation calls (compiled when train.compile is on)
 
 
 @dataclass
@@ -314,9 +314,10 @@ def _train(cfg: Any, dist: DistInfo, device: torch.device, stop: StopFlag, out: 
     history = list(ckpt.get("config_history", [])) if ckpt else []
     for line in changes:
         log.warning(line)
+    execution = execution_switches(cfg)
     train_set, eval_set = build_datasets(cfg, dist)
     model = build_model(cfg, train_set.num_classes).to(device)
-    eff = efficiency_report(model, cfg, device)
+    eff = {**efficiency_report(model, cfg, device), **execution}
     log_efficiency(eff)
     resolved = resolve_config(cfg, model)  # the rank, per-layer r and sizes that really train
     if is_main():
@@ -332,10 +333,7 @@ def _train(cfg: Any, dist: DistInfo, device: torch.device, stop: StopFlag, out: 
         if is_main():
             files.json_log.truncate_to(progress.next_epoch)
         log.info(f"resumed: epoch {progress.next_epoch}, step {progress.epoch_state.step}")
-    if dist.enabled:
-        parts.step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
+    wrap_for_steps(cfg, parts, dist, device)
     if stop():
         log.info(f"stopped by signal {stop.signal} before training started; nothing to save")
         return {"interrupted": True, "signal": stop.signal}
@@ -343,6 +341,33 @@ def _train(cfg: Any, dist: DistInfo, device: torch.device, stop: StopFlag, out: 
     if files.board is not None:
         files.board.close()
     return interrupted or finish(cfg, parts.model, progress, out, device)
+
+
+def execution_switches(cfg: Any) -> dict[str, Any]:
+    """Apply train.tf32 and log how steps execute (precision, TF32 as torch reports it, compile,
+    checkpointing); the same dict goes into efficiency.json."""
+    tf32 = apply_tf32(cfg.train.tf32)
+    t = cfg.train
+    log.info(f"execution: precision {t.precision}; train.tf32={str(t.tf32).lower()} (float32 matmul precision "
+             f"{tf32['float32_matmul_precision']!r}, cuDNN allow_tf32 {tf32['cudnn_allow_tf32']}); "
+             f"train.compile={t.compile}; train.grad_checkpointing={str(t.grad_checkpointing).lower()}")
+    return {"tf32": {"enabled": t.tf32, **tf32}, "compile": t.compile, "grad_checkpointing": t.grad_checkpointing}
+
+
+def wrap_for_steps(cfg: Any, parts: Training, dist: DistInfo, device: torch.device) -> None:
+    """How the steps execute: timm's gradient checkpointing, DDP under several processes, torch.compile
+    (the DDP module for training, so that compilation sees its buckets; the plain model for evaluation)."""
+    parts.model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    step_model = parts.model
+    if dist.enabled:
+        step_model = nn.parallel.DistributedDataParallel(
+            parts.model, device_ids=[device.index] if device.type == "cuda" else None)
+    parts.step_model = compile_model(step_model, cfg.train.compile)
+    parts.eval_model = compile_model(parts.model, cfg.train.compile)
+
+
+def uses_cudagraphs(cfg: Any, device: torch.device) -> bool:
+    return cfg.train.compile == "reduce-overhead" and device.type == "cuda"
 
 
 def build_datasets(cfg: Any, dist: DistInfo) -> tuple[Any, Any]:
@@ -364,13 +389,13 @@ def build_training(cfg: Any, model: nn.Module, train_set: Any, eval_set: Any, di
                    device: torch.device) -> Training:
     """Loaders, optimizer, schedule and (fp16) loss scaler for ``model``."""
     pin = device.type == "cuda"
-    train_loader, sampler, loader_gen = build_train_loader(train_set, cfg.train.batch_size, dist, cfg.seed,
-                                                           cfg.data.num_workers, cfg.train.drop_last, pin)
+    train_loader, sampler = build_train_loader(train_set, cfg.train.batch_size, dist, cfg.seed,
+                                               cfg.data.num_workers, cfg.train.drop_last, pin)
     eval_loader = build_eval_loader(eval_set, cfg.train.eval_batch_size, dist, cfg.data.num_workers, pin)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
-    return Training(model, model, optimizer, scheduler, scaler, train_loader, sampler, loader_gen, eval_loader)
+    return Training(model, model, optimizer, scheduler, scaler, train_loader, sampler, eval_loader, model)
 
 
 def open_board(cfg: Any, out: Path) -> TensorBoardLog | None:
@@ -421,11 +446,10 @@ def train_epochs(cfg: Any, parts: Training, progress: Progress, files: RunFiles,
     for epoch in range(progress.next_epoch, cfg.train.epochs):
         parts.scheduler.step(epoch)  # epoch e trains at lr(e)
         parts.sampler.set_position(epoch, progress.epoch_state.step)
-        parts.loader_gen.manual_seed(cfg.seed * 1000 + epoch)
         lr = parts.optimizer.param_groups[0]["lr"]
         state = train_one_epoch(parts.step_model, parts.train_loader, parts.optimizer, device, epoch,
                                 progress.epoch_state, cfg.train.precision, parts.scaler, cfg.optim.clip_grad,
-                                should_stop=stop)
+                                should_stop=stop, cudagraphs=uses_cudagraphs(cfg, device))
         if not state.finished:
             files.save(out / "last.pth", parts, progress, epoch, state)
             log.info(f"stopped by signal {stop.signal} at epoch {epoch}, step {state.step}; "
@@ -447,7 +471,7 @@ def end_of_epoch(cfg: Any, parts: Training, progress: Progress, epoch: int, lr: 
     if not (epoch % cfg.train.eval_interval == 0 or epoch == cfg.train.epochs - 1):
         log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {train_loss / train_samples:.4f} {state.seconds:.1f}s")
         return None
-    stats = evaluate(parts.model, parts.eval_loader, device, cfg.train.precision)
+    stats = evaluate(parts.eval_model, parts.eval_loader, device, cfg.train.precision, uses_cudagraphs(cfg, device))
     best = progress.best
     if stats["acc1"] > best["acc1"]:
         best.update(acc1=stats["acc1"], epoch=epoch)

@@ -101,6 +101,9 @@ class TrainConfig:
     precision: str = "fp32"
     drop_last: bool = False
     device: str = "auto"
+    compile: str = "off"                      # torch.compile of training and evaluation: lib.engine.COMPILE_MODES
+    tf32: bool = False                        # TF32 fp32 GEMMs / convolutions (Ampere+); false: IEEE fp32
+    grad_checkpointing: bool = False          # timm's set_grad_checkpointing: recompute blocks, less memory
 
 
 @dataclass
@@ -136,7 +139,8 @@ class Config:
 # key -> (module, constant) that owns its allowed values (a tuple, or a dict keyed by them)
 _OWNERS = {"peft.type": ("models.peft", "PEFT_TYPES"), "peft.init": ("models.peft", "PEFT_INITS"),
            "peft.prompt_mode": ("models.prompt", "PROMPT_MODES"), "model.global_pool": ("models.vit", "GLOBAL_POOLS"),
-           "data.normalization": ("lib.data", "NORMALIZATIONS"), "train.precision": ("lib.engine", "PRECISIONS")}
+           "data.normalization": ("lib.data", "NORMALIZATIONS"), "train.precision": ("lib.engine", "PRECISIONS"),
+           "train.compile": ("lib.engine", "COMPILE_MODES")}
 _NOT_EMPTY = ("output_dir", "data.root", "data.task", "data.train_split", "data.eval_split")
 _SIZES, _CUSTOM = ("embed_dim", "depth", "num_heads", "patch_size"), "vit"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -1,4 +1,5 @@
-"""One training epoch and an exact (distributed) evaluation."""
+"""One training epoch, an exact (distributed) evaluation, and the execution switches they run under
+(autocast precision, ``torch.compile`` mode, TF32)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,8 @@ from torch.utils.data import DataLoader
 
 from .distributed import all_reduce_sum, is_main
 
-__all__ = ["PRECISIONS", "CHECK_EVERY", "autocast_ctx", "EpochState", "NonFiniteLossError", "NonFiniteWatch",
-           "train_one_epoch", "evaluate"]
+__all__ = ["PRECISIONS", "COMPILE_MODES", "CHECK_EVERY", "autocast_ctx", "compile_model", "apply_tf32", "tf32_state",
+           "EpochState", "NonFiniteLossError", "NonFiniteWatch", "train_one_epoch", "evaluate"]
 
 log = logging.getLogger("pyra")
 
@@ -45,6 +46,32 @@ def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractCon
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+# train.compile -> torch.compile's mode (None: eager). reduce-overhead adds CUDA graphs, which merged models
+# need most: their many small kernels (PYRA high launches ~570 per forward) leave the GPU waiting on launches.
+COMPILE_MODES: dict[str, str | None] = {"off": None, "default": "default", "reduce-overhead": "reduce-overhead",
+                                        "max-autotune": "max-autotune"}
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile(model, mode=...)`` for a ``COMPILE_MODES`` key; ``model`` itself for ``off``."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; expected one of {', '.join(COMPILE_MODES)}")
+    return model if COMPILE_MODES[mode] is None else torch.compile(model, mode=COMPILE_MODES[mode])
+
+
+def apply_tf32(enabled: bool) -> dict[str, object]:
+    """TF32 for fp32 matrix products and cuDNN convolutions (Ampere+ GPUs) on or off; returns ``tf32_state``."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    return tf32_state()
+
+
+def tf32_state() -> dict[str, object]:
+    """What fp32 GEMMs and convolutions really run with (for logs and benchmark records)."""
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32)}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -162,14 +189,17 @@ def _trainable(model: nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
+             cudagraphs: bool = False) -> dict[str, float]:
     """Loss, top-1 and top-5 (percent) over the whole split; sums are reduced over ranks, so the result
     equals a single-process evaluation (each rank sees a disjoint shard, nothing padded). The sums stay
-    on the device until the end (float64: counts are exact)."""
+    on the device until the end (float64: counts are exact). ``cudagraphs`` as for ``train_one_epoch``."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     count = 0
     for images, targets in _progress(loader, total=len(loader), desc="eval"):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast_ctx(device, precision):
