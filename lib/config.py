@@ -104,6 +104,7 @@ class TrainConfig:
     compile: str = "off"                      # torch.compile of training and evaluation: lib.engine.COMPILE_MODES
     tf32: bool = False                        # TF32 fp32 GEMMs / convolutions (Ampere+); false: IEEE fp32
     grad_checkpointing: bool = False          # timm's set_grad_checkpointing: recompute blocks, less memory
+    slurm_mem: str = ""                       # --mem of a SLURM array element (e.g. 64G); "" = the cluster's default
 
 
 @dataclass
@@ -144,6 +145,7 @@ _OWNERS = {"peft.type": ("models.peft", "PEFT_TYPES"), "peft.init": ("models.pef
 _NOT_EMPTY = ("output_dir", "data.root", "data.task", "data.train_split", "data.eval_split")
 _SIZES, _CUSTOM = ("embed_dim", "depth", "num_heads", "patch_size"), "vit"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_MEMORY = re.compile(r"(\d+[KMGT]?)?")   # sbatch --mem: a number of MB, or with a K/M/G/T suffix
 _SCHEMA = Schema(Config, runtime=["config_path"], free=["merging.r"])  # r: judged by models.resolve_schedule
 DEFAULTS: dict[str, Any] = {k: v for k, v in config_to_dict(Config()).items() if k != "config_path"}
 
@@ -187,6 +189,9 @@ def _value_errors(cfg: Mapping) -> list[str]:
               for k in _OWNERS if owners and get_dotted(cfg, k) not in _allowed(k)]
     if not _DEVICE.fullmatch(cfg["train"]["device"]):
         errors.append(f"train.device: expected auto, cpu, cuda or cuda:N; got {cfg['train']['device']!r}")
+    if not _MEMORY.fullmatch(str(cfg["train"]["slurm_mem"])):
+        errors.append(f"train.slurm_mem: expected sbatch's --mem (e.g. 64G, 16000M; \"\" = default); "
+                      f"got {cfg['train']['slurm_mem']!r}")
     errors += [f"{k}: must not be empty" for k in _NOT_EMPTY if not get_dotted(cfg, k)] + _SCHEMA.bound_errors(cfg)
     betas, warmup, epochs = cfg["optim"]["betas"], cfg["sched"]["warmup_epochs"], cfg["train"]["epochs"]
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):

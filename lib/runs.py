@@ -18,7 +18,7 @@ __all__ = ["RunFolderError", "RunLock", "check_writable", "config_changes", "NEU
 # (How a step executes is neutral like the device: compilation, and checkpointing, which recomputes the same
 # values; TF32 is not: it rounds every fp32 product to a 10-bit mantissa, like a change of train.precision.)
 NEUTRAL_KEYS = ("experiment", "output_dir", "config_path", "data.root", "data.num_workers", "train.eval_batch_size",
-                "train.device", "train.compile", "train.grad_checkpointing", "report", "log")
+                "train.device", "train.compile", "train.grad_checkpointing", "train.slurm_mem", "report", "log")
 
 
 # flock's answers when another process holds the lock; any other error means no working flock here

@@ -28,7 +28,7 @@ resolve_config() {
 #   2. TASKS canonicalised (task folder names as train.py writes them)
 #   3. "task:spelling,spelling ..." - every folder name a run of a task may have
 #   4. the config's seed (the default of SEEDS)
-#   5. train.device, 6. data.num_workers (what NPROC and a SLURM array's CPU request depend on)
+#   5. train.device, 6. data.num_workers, 7. train.slurm_mem (what NPROC and a SLURM array's request use)
 # A bad config or override fails here with exit code 2, before anything runs.
 resolve_runs() {
     local name="$1" config="$2" tasks="$3"
@@ -64,6 +64,7 @@ print(" ".join(f"{t}:" + ",".join([t] + [a for a, c in TASK_ALIASES.items() if c
 print(cfg.seed)
 print(cfg.train.device)
 print(cfg.data.num_workers)
+print(cfg.train.slurm_mem)
 PY
 }
 

@@ -323,3 +323,28 @@ def test_ranks_draw_their_own_dropout_masks_and_resume_to_identical_weights(digi
     assert len(resumed["rng"]) == 2 and "resumed: epoch 1, step 10" in (run_folder(stopped) / "train.log").read_text()
     assert straight["model"].keys() == resumed["model"].keys()
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+
+
+# ------------------------------------------------------------------------------------------- SLURM arrays
+def test_slurm_array_requests_cores_for_every_process_and_worker_and_the_configured_memory(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"_base_: {REPO / 'configs' / 'demo' / 'digits.yaml'}\n")
+    out = tmp_path / "out"
+
+    def array(*extra: str, **env: str) -> str:
+        flags = [e for e in extra if e.startswith("--")]
+        overrides = [e for e in extra if not e.startswith("--")]
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "vtab_all.sh"), "--slurm", *flags, str(config),
+                               f"output_dir={out}", "data.num_workers=3", *overrides],
+                              env={**ENV, "TASKS": "dtd", **env}, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return (out / "tiny" / "slurm" / "vtab_all.sbatch").read_text()
+
+    text = array("train.slurm_mem=64G", NPROC="2")
+    assert "#SBATCH --gres=gpu:2" in text and "#SBATCH --cpus-per-task=8" in text and "#SBATCH --mem=64G" in text
+    text = array("--sbatch=--mem=10G", "--sbatch=--cpus-per-task=2")     # an explicit option wins
+    assert "#SBATCH --cpus-per-task=4" not in text and "#SBATCH --cpus-per-task=2" in text
+    assert "#SBATCH --mem=10G" in text and text.count("--mem") == 1
+    with pytest.raises(ConfigError, match="train.slurm_mem"):
+        from lib.config import load_config
+        load_config(CONFIG, ["train.slurm_mem=lots"])
