@@ -5,7 +5,9 @@
     python eval.py --config configs/demo/digits.yaml --checkpoint logs/demo/digits/digits/seed0/best.pth --json
 
 The efficiency table has the configured merging and no merging, each with LoRA folded and not:
-parameters, fvcore GFLOPs and images/s at the chosen batch, device and precision.
+parameters, fvcore GFLOPs and images/s at the chosen batch, device and precision (eager). The accuracy
+pass runs as the config says: ``train.compile`` (e.g. ``train.compile=reduce-overhead`` as an override)
+and ``train.tf32``.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from lib.build import build_model
 from lib.config import ConfigError, load_config
 from lib.data import DataError, build_dataset, task_num_classes
 from lib.distributed import DistInfo, select_device
-from lib.engine import evaluate
+from lib.engine import apply_tf32, compile_model, evaluate
 from lib.loaders import build_eval_loader
 from models import CheckpointError, fold_lora, load_checkpoint, param_report, read_checkpoint, trainable_state_dict
 
@@ -75,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         device = select_device(args.device or cfg.train.device, DistInfo())
         precision = args.precision or cfg.train.precision
+        tf32 = apply_tf32(cfg.train.tf32)
         num_classes = cfg.data.num_classes or task_num_classes(cfg.data.task, cfg.data.root)
         eval_set = None
         if not args.no_accuracy or num_classes is None:
             eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.model.img_size, is_train=False)
             num_classes = eval_set.num_classes
         model = build_model(cfg, num_classes).to(device)
-        result: dict[str, Any] = {"config": args.config, "checkpoint": args.checkpoint, "task": cfg.data.task}
+        result: dict[str, Any] = {"config": args.config, "checkpoint": args.checkpoint, "task": cfg.data.task,
+                                  "compile": cfg.train.compile, "tf32": {"enabled": cfg.train.tf32, **tf32}}
         if args.checkpoint:
             report = load_checkpoint(model, args.checkpoint, kind="finetuned")
             print(report.summary(), file=sys.stderr)
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_accuracy:
             loader = build_eval_loader(eval_set, args.batch_size, DistInfo(), cfg.data.num_workers,
                                        device.type == "cuda")
-            stats = evaluate(model, loader, device, precision)
+            cudagraphs = cfg.train.compile == "reduce-overhead" and device.type == "cuda"
+            stats = evaluate(compile_model(model, cfg.train.compile), loader, device, precision, cudagraphs)
             result.update(test_acc1=stats["acc1"], test_acc5=stats["acc5"], test_loss=stats["loss"],
                           test_count=stats["count"])
         result["efficiency"] = efficiency_table(model, cfg, device, args.batch_size, precision, args.runs)

@@ -18,11 +18,13 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from lib.benchmark import count_flops, measure_throughput, merged_speedup, tokens_per_layer
 from lib.build import build_model
@@ -33,13 +35,23 @@ from lib.checkpointing import (
     load_run_checkpoint,
     rng_state,
     save_run_checkpoint,
+    seed_everything,
     set_rng_state,
 )
-from lib.config import ConfigError, config_to_dict, load_config, resolve_config, save_config
+from lib.config import DEFAULTS, ConfigError, config_to_dict, load_config, resolve_config, save_config
 from lib.data import DataError, build_dataset, canonical_task, check_class_counts
-from lib.distributed import all_reduce_sum, cleanup, init_distributed, is_main, select_device
-from lib.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
-from lib.loaders import build_eval_loader, build_train_loader
+from lib.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    cleanup,
+    init_distributed,
+    is_main,
+    on_main,
+    select_device,
+)
+from lib.engine import EpochState, NonFiniteLossError, apply_tf32, compile_model, evaluate, train_one_epoch
+from lib.loaders import GlobalBatchSampler, build_eval_loader, build_train_loader
 from lib.logger import JsonLog, TensorBoardLog, setup_logger
 from lib.optim import build_optimizer, build_scheduler
 from lib.runs import RunFolderError, RunLock, check_writable, config_changes
@@ -52,6 +64,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yam
 EXIT_CONFIG, EXIT_EXISTS, EXIT_NONFINITE, EXIT_NO_SPACE = 2, 3, 4, 5
 PEER_EXIT_DELAY_S = 10.0  # under torchrun, how long a process other than rank 0 waits before exiting on an error
 UNRELIABLE_SPREAD = 0.25  # per-round speed-up ratios spread wider than this: the timing is not trustworthy
+# what rank 0 may refuse a run with; every rank then raises the same error (main's exit codes apply)
+REFUSALS = (ConfigError, CheckpointError, RunFolderError, FileExistsError, DataError)
 RUN_FILES = ("log.txt", "train.log", "config.yaml", "efficiency.json", "last.pth", "best.pth", "final.json")
 
 log = logging.getLogger("pyra")
@@ -127,7 +141,8 @@ def log_efficiency(eff: dict[str, Any]) -> None:
 
 
 class StopFlag:
-    """Set by Ctrl-C (SIGINT) and SIGTERM/SIGUSR1 (cluster pre-emption): finish the step, checkpoint, exit.
+    """Set by Ctrl-C (SIGINT) and SIGTERM/SIGUSR1 (cluster pre-emption): training stops at its next flag
+    check (within ``lib.engine.CHECK_EVERY`` steps, the same step on every rank), checkpoints and exits.
 
     ``signal`` is the number received (on any rank), so the process can exit with 128 + it.
     """
@@ -168,13 +183,18 @@ def start_run(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool
     out = run_dir(cfg)
     made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # top folder this run creates
     check_writable(out)
-    lock = RunLock(out).acquire()
+    try:
+        lock = RunLock(out).acquire()
+    except RunFolderError:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     try:
         resume_from = prepare_run_dir(out, resume, overwrite)
         ckpt, changes = None, []
         if resume_from is not None:
             ckpt = load_run_checkpoint(resume_from)
-            diff = config_changes(*_comparable(ckpt, cfg))
+            diff = config_changes(*_comparable(ckpt, cfg), defaults=DEFAULTS)
             if diff and not allow_change:
                 lines = "\n  ".join(f"{k}: run {a!r} -> now {b!r}" for k, a, b in diff)
                 raise ConfigError(f"resuming {resume_from} with a different recipe changes its results; "
@@ -230,12 +250,17 @@ def write_run_config(cfg: Any, path: Path, history: list[str]) -> None:
 
 
 def train(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool = False) -> dict[str, Any]:
-    dist = init_distributed("cuda" if cfg.train.device.startswith("cuda") or (
-        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dist = init_distributed(device_type(cfg.train.device))
     device = select_device(cfg.train.device, dist)
     stop = StopFlag(device)
-    out, lock, ckpt, changes, made = start_run(cfg, resume, overwrite, allow_change) if is_main() else (
-        run_dir(cfg), None, None, [], None)
+    opened: dict[str, Any] = {}
+
+    def open_run() -> tuple[dict[str, Any] | None, list[str]]:
+        _, opened["lock"], ckpt, changes, opened["made"] = start_run(cfg, resume, overwrite, allow_change)
+        return ckpt, changes
+
+    ckpt, changes = on_main(open_run, REFUSALS)  # a refusal on rank 0 ends every rank with its message
+    out, lock, made = run_dir(cfg), opened.get("lock"), opened.get("made")
     try:
         return _train(cfg, dist, device, stop, out, lock, ckpt, changes)
     except BaseException as e:
@@ -250,12 +275,69 @@ def train(cfg: Any, resume: str | None, overwrite: bool, allow_change: bool = Fa
             lock.release()
 
 
-def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path, lock: RunLock | None,
+def device_type(name: str) -> str:
+    """``cuda`` or ``cpu``: what ``train.device`` resolves to (the process group's backend follows it)."""
+    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+@dataclass
+class Training:
+    """What the epochs train with, built once per run."""
+
+    model: nn.Module                     # the module checkpointed and evaluated
+    step_model: nn.Module                # what the training steps call (DDP-wrapped under several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    train_loader: DataLoader
+    sampler: GlobalBatchSampler
+    eval_loader: DataLoader
+    eval_model: nn.Module                # what evaluation calls (compiled when train.compile is on)
+
+
+@dataclass
+class Progress:
+    """Where a run is: the next epoch, how far into it, the best accuracy so far, and the recorded config changes."""
+
+    next_epoch: int = 0
+    epoch_state: EpochState = field(default_factory=EpochState)
+    best: dict[str, Any] = field(default_factory=lambda: {"acc1": -1.0, "epoch": -1})
+    history: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunFiles:
+    """The run folder's writers: checkpoints, log.txt (and TensorBoard) — rank 0 writes, other ranks skip."""
+
+    out: Path
+    cfg: Any
+    resolved: Any
+    json_log: JsonLog
+    board: TensorBoardLog | None
+    device: torch.device
+
+    def save(self, path: Path, parts: Training, progress: Progress, next_epoch: int, state: EpochState) -> None:
+        """A checkpoint with every rank's RNG state (called on every rank: the states are gathered)."""
+        rngs = all_gather_objects(rng_state(self.device))
+        if not is_main():
+            return
+        save_run_checkpoint(
+            path, model=trainable_state_dict(parts.model), optimizer=parts.optimizer.state_dict(),
+            scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict() if parts.scaler else None,
+            next_epoch=next_epoch, epoch_state=vars(state).copy(), best=progress.best, rng=rngs,
+            config=config_to_dict(self.cfg), resolved_config=config_to_dict(self.resolved),
+            config_history=progress.history)
+
+    def record_epoch(self, record: dict[str, Any] | None) -> None:
+        if is_main() and record is not None:
+            self.json_log.append(record)
+            if self.board is not None:
+                self.board.append(record)
+
+
+def _train(cfg: Any, dist: DistInfo, device: torch.device, stop: StopFlag, out: Path, lock: RunLock | None,
            ckpt: dict[str, Any] | None, changes: list[str]) -> dict[str, Any]:
-    if dist.enabled:  # every rank resumes from what rank 0 read
-        holder = [ckpt]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        ckpt = holder[0]
+    """One run from its checked start to final.json: data, model, the epochs, the summary."""
     setup_logger(out / "train.log", is_main())
     log.info(f"run: {out}  (device {device}, {dist.world_size} process(es))")
     if lock is not None and lock.note():
@@ -263,8 +345,64 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
     history = list(ckpt.get("config_history", [])) if ckpt else []
     for line in changes:
         log.warning(line)
-    history += changes
+    execution = execution_switches(cfg)
+    train_set, eval_set = build_datasets(cfg, dist)
+    model = build_model(cfg, train_set.num_classes).to(device)
+    eff = {**efficiency_report(model, cfg, device), **execution}
+    log_efficiency(eff)
+    resolved = resolve_config(cfg, model)  # the rank, per-layer r and sizes that really train
+    if is_main():
+        write_run_config(resolved, out / "config.yaml", history + changes)
+        atomic_write(out / "efficiency.json", lambda tmp: Path(tmp).write_text(json.dumps(eff, indent=2)))
+    parts = build_training(cfg, model, train_set, eval_set, dist, device)
+    files = RunFiles(out, cfg, resolved, JsonLog(out / "log.txt"), open_board(cfg, out), device)
+    progress = Progress(history=history + changes)
+    seed_everything(cfg.seed + dist.rank)  # the model is built (the same on every rank): now a stream per rank
+    if ckpt is not None:
+        progress = restore(ckpt, parts, changes, out, progress.history)
+        restore_rng(ckpt["rng"], dist, device, cfg.seed + 1000 * (progress.next_epoch + 1))
+        if is_main():
+            files.json_log.truncate_to(progress.next_epoch)
+        log.info(f"resumed: epoch {progress.next_epoch}, step {progress.epoch_state.step}")
+    wrap_for_steps(cfg, parts, dist, device)
+    if stop():
+        log.info(f"stopped by signal {stop.signal} before training started; nothing to save")
+        return {"interrupted": True, "signal": stop.signal}
+    interrupted = train_epochs(cfg, parts, progress, files, stop, eff["n_parameters"], device)
+    if files.board is not None:
+        files.board.close()
+    return interrupted or finish(cfg, parts.model, progress, out, device)
 
+
+def execution_switches(cfg: Any) -> dict[str, Any]:
+    """Apply train.tf32 and log how steps execute (precision, TF32 as torch reports it, compile,
+    checkpointing); the same dict goes into efficiency.json."""
+    tf32 = apply_tf32(cfg.train.tf32)
+    t = cfg.train
+    log.info(f"execution: precision {t.precision}; train.tf32={str(t.tf32).lower()} (float32 matmul precision "
+             f"{tf32['float32_matmul_precision']!r}, cuDNN allow_tf32 {tf32['cudnn_allow_tf32']}); "
+             f"train.compile={t.compile}; train.grad_checkpointing={str(t.grad_checkpointing).lower()}")
+    return {"tf32": {"enabled": t.tf32, **tf32}, "compile": t.compile, "grad_checkpointing": t.grad_checkpointing}
+
+
+def wrap_for_steps(cfg: Any, parts: Training, dist: DistInfo, device: torch.device) -> None:
+    """How the steps execute: timm's gradient checkpointing, DDP under several processes, torch.compile
+    (the DDP module for training, so that compilation sees its buckets; the plain model for evaluation)."""
+    parts.model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    step_model = parts.model
+    if dist.enabled:
+        step_model = nn.parallel.DistributedDataParallel(
+            parts.model, device_ids=[device.index] if device.type == "cuda" else None)
+    parts.step_model = compile_model(step_model, cfg.train.compile)
+    parts.eval_model = compile_model(parts.model, cfg.train.compile)
+
+
+def uses_cudagraphs(cfg: Any, device: torch.device) -> bool:
+    return cfg.train.compile == "reduce-overhead" and device.type == "cuda"
+
+
+def build_datasets(cfg: Any, dist: DistInfo) -> tuple[Any, Any]:
+    """The training and evaluation splits, checked against each other and the batch size."""
     train_set = build_dataset(cfg.data, cfg.data.train_split, cfg.model.img_size, is_train=True)
     eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.model.img_size, is_train=False)
     check_class_counts(train_set, eval_set)
@@ -275,109 +413,114 @@ def _train(cfg: Any, dist: Any, device: torch.device, stop: StopFlag, out: Path,
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train_set)} images of "
                           f"split {cfg.data.train_split!r}, and train.drop_last=true would drop them all")
     log.info(f"data: {train_set} / {eval_set}")
+    return train_set, eval_set
 
-    model = build_model(cfg, train_set.num_classes).to(device)
-    eff = efficiency_report(model, cfg, device)
-    log_efficiency(eff)
-    resolved = resolve_config(cfg, model)  # the rank, per-layer r and sizes that really train
-    if is_main():
-        write_run_config(resolved, out / "config.yaml", history)
-        atomic_write(out / "efficiency.json", lambda tmp: Path(tmp).write_text(json.dumps(eff, indent=2)))
 
+def build_training(cfg: Any, model: nn.Module, train_set: Any, eval_set: Any, dist: DistInfo,
+                   device: torch.device) -> Training:
+    """Loaders, optimizer, schedule and (fp16) loss scaler for ``model``."""
     pin = device.type == "cuda"
-    train_loader, sampler, loader_gen = build_train_loader(train_set, cfg.train.batch_size, dist, cfg.seed,
-                                                           cfg.data.num_workers, cfg.train.drop_last, pin)
+    train_loader, sampler = build_train_loader(train_set, cfg.train.batch_size, dist, cfg.seed,
+                                               cfg.data.num_workers, cfg.train.drop_last, pin)
     eval_loader = build_eval_loader(eval_set, cfg.train.eval_batch_size, dist, cfg.data.num_workers, pin)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    return Training(model, model, optimizer, scheduler, scaler, train_loader, sampler, eval_loader, model)
 
-    json_log = JsonLog(out / "log.txt")
+
+def open_board(cfg: Any, out: Path) -> TensorBoardLog | None:
     try:
-        board = TensorBoardLog(out) if cfg.log.tensorboard and is_main() else None
+        return TensorBoardLog(out) if cfg.log.tensorboard and is_main() else None
     except ImportError as e:
         raise ConfigError(str(e)) from None
-    start_epoch, epoch_state, best = 0, EpochState(), {"acc1": -1.0, "epoch": -1}
-    if ckpt is not None:
-        ckpt["model"] = rename_earlier_keys(ckpt["model"])   # runs saved before PYRA's parameters were renamed
-        missing = [k for k in trainable_state_dict(model) if k not in ckpt["model"]]
-        if missing:
-            raise CheckpointError(f"{out / 'last.pth'} lacks trainable parameters {missing[:5]} of this config")
-        model.load_state_dict(ckpt["model"], strict=False)
-        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if changes:  # the new recipe's hyper-parameters, the old moments; the schedule is the new one
-            for group, fresh in zip(optimizer.param_groups, configured):
-                group.update(fresh)
-        else:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best = ckpt["next_epoch"], ckpt["best"]
-        epoch_state = EpochState(**ckpt.get("epoch_state", {}))
-        set_rng_state(ckpt["rng"])
-        if is_main():
-            json_log.truncate_to(start_epoch)
-        log.info(f"resumed: epoch {start_epoch}, step {epoch_state.step}")
 
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
-    n_parameters = eff["n_parameters"]
 
-    def save(path: Path, next_epoch: int, state: EpochState) -> None:
-        if not is_main():
-            return
-        save_run_checkpoint(
-            path, model=trainable_state_dict(model), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-            next_epoch=next_epoch, epoch_state=vars(state).copy(), best=best, rng=rng_state(),
-            config=config_to_dict(cfg), resolved_config=config_to_dict(resolved), config_history=history)
+def restore(ckpt: dict[str, Any], parts: Training, changes: list[str], out: Path, history: list[str]) -> Progress:
+    """Weights, optimizer, schedule and scaler from a run checkpoint; with accepted config changes the
+    new recipe's hyper-parameters and schedule apply to the old moments."""
+    model, optimizer = parts.model, parts.optimizer
+    ckpt["model"] = rename_earlier_keys(ckpt["model"])   # runs saved before PYRA's parameters were renamed
+    missing = [k for k in trainable_state_dict(model) if k not in ckpt["model"]]
+    if missing:
+        raise CheckpointError(f"{out / 'last.pth'} lacks trainable parameters {missing[:5]} of this config")
+    model.load_state_dict(ckpt["model"], strict=False)
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if changes:
+        for group, fresh in zip(optimizer.param_groups, configured):
+            group.update(fresh)
+    else:
+        parts.scheduler.load_state_dict(ckpt["scheduler"])
+    if parts.scaler is not None and ckpt.get("scaler"):
+        parts.scaler.load_state_dict(ckpt["scaler"])
+    return Progress(ckpt["next_epoch"], EpochState(**ckpt.get("epoch_state", {})), ckpt["best"], history)
 
-    if stop():
-        log.info(f"stopped by signal {stop.signal} before training started; nothing to save")
-        return {"interrupted": True, "signal": stop.signal}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        scheduler.step(epoch)  # epoch e trains at lr(e)
-        sampler.set_position(epoch, epoch_state.step)
-        loader_gen.manual_seed(cfg.seed * 1000 + epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        epoch_state = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch, epoch_state,
-                                      cfg.train.precision, scaler, cfg.optim.clip_grad, should_stop=stop)
-        if not epoch_state.finished:
-            save(out / "last.pth", epoch, epoch_state)
-            log.info(f"stopped by signal {stop.signal} at epoch {epoch}, step {epoch_state.step}; "
+
+def restore_rng(saved: list[dict[str, Any]] | dict[str, Any], dist: DistInfo, device: torch.device,
+                fresh_seed: int) -> None:
+    """Each rank continues its own random stream. A checkpoint of another number of processes cannot say
+    what this rank's stream was: every rank then starts a fresh one (``fresh_seed + rank``), with a warning."""
+    states = saved if isinstance(saved, list) else [saved]   # older checkpoints: rank 0's state only
+    if len(states) == dist.world_size:
+        set_rng_state(states[dist.rank], device)
+        return
+    log.warning(f"the checkpoint holds the random streams of {len(states)} process(es), this run has "
+                f"{dist.world_size}: each rank starts a fresh one (seed {fresh_seed} + rank); the data order "
+                f"is the same, dropout and drop-path masks differ from an uninterrupted run")
+    seed_everything(fresh_seed + dist.rank)
+
+
+def train_epochs(cfg: Any, parts: Training, progress: Progress, files: RunFiles, stop: StopFlag,
+                 n_parameters: int, device: torch.device) -> dict[str, Any] | None:
+    """The remaining epochs, each checkpointed; returns the interruption if a signal stopped them."""
+    out = files.out
+    for epoch in range(progress.next_epoch, cfg.train.epochs):
+        parts.scheduler.step(epoch)  # epoch e trains at lr(e)
+        parts.sampler.set_position(epoch, progress.epoch_state.step)
+        lr = parts.optimizer.param_groups[0]["lr"]
+        state = train_one_epoch(parts.step_model, parts.train_loader, parts.optimizer, device, epoch,
+                                progress.epoch_state, cfg.train.precision, parts.scaler, cfg.optim.clip_grad,
+                                should_stop=stop, cudagraphs=uses_cudagraphs(cfg, device))
+        if not state.finished:
+            files.save(out / "last.pth", parts, progress, epoch, state)
+            log.info(f"stopped by signal {stop.signal} at epoch {epoch}, step {state.step}; "
                      f"saved {out / 'last.pth'} — continue with --resume auto")
             return {"interrupted": True, "signal": stop.signal}
-        train_loss, train_samples = all_reduce_sum([epoch_state.loss_sum, epoch_state.samples], device)
-        record = None
-        if epoch % cfg.train.eval_interval == 0 or epoch == cfg.train.epochs - 1:
-            stats = evaluate(model, eval_loader, device, cfg.train.precision)
-            if stats["acc1"] > best["acc1"]:
-                best = {"acc1": stats["acc1"], "epoch": epoch}
-            record = {"train_lr": lr, "train_loss": train_loss / train_samples, "test_loss": stats["loss"],
-                      "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
-                      "n_parameters": n_parameters, "best_acc1": best["acc1"],
-                      "epoch_time": epoch_state.seconds}
-            log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {record['train_loss']:.4f} "
-                     f"test_loss {stats['loss']:.4f} acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f} "
-                     f"(best {best['acc1']:.2f} @ {best['epoch']}) {epoch_state.seconds:.1f}s")
-        else:
-            log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {train_loss / train_samples:.4f} "
-                     f"{epoch_state.seconds:.1f}s")
-        epoch_state = EpochState()
-        if is_main():
-            if record is not None:
-                json_log.append(record)
-                if board is not None:
-                    board.append(record)
-            if record is not None and best["epoch"] == epoch:  # best.pth first: if either write fails (a full
-                save(out / "best.pth", epoch + 1, epoch_state)  # disk), last.pth still holds the epoch before,
-            save(out / "last.pth", epoch + 1, epoch_state)      # which a resumed run trains again, exactly
-            write_learned_records(model, out)
+        record = end_of_epoch(cfg, parts, progress, epoch, lr, state, n_parameters, device)
+        progress.next_epoch, progress.epoch_state = epoch + 1, EpochState()
+        files.record_epoch(record)
+        if record is not None and progress.best["epoch"] == epoch:   # best.pth first: if either write fails (a
+            files.save(out / "best.pth", parts, progress, epoch + 1, progress.epoch_state)   # full disk), last.pth
+        files.save(out / "last.pth", parts, progress, epoch + 1, progress.epoch_state)  # holds the epoch before
+        if is_main():                                                                   # (trained again, exactly)
+            write_learned_records(parts.model, out)
+    return None
 
-    if board is not None:
-        board.close()
+
+def end_of_epoch(cfg: Any, parts: Training, progress: Progress, epoch: int, lr: float, state: EpochState,
+                 n_parameters: int, device: torch.device) -> dict[str, Any] | None:
+    """The epoch's train loss over all ranks and, on evaluation epochs, the log.txt record (best updated)."""
+    train_loss, train_samples = all_reduce_sum([state.loss_sum, state.samples], device)
+    if not (epoch % cfg.train.eval_interval == 0 or epoch == cfg.train.epochs - 1):
+        log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {train_loss / train_samples:.4f} {state.seconds:.1f}s")
+        return None
+    stats = evaluate(parts.eval_model, parts.eval_loader, device, cfg.train.precision, uses_cudagraphs(cfg, device))
+    best = progress.best
+    if stats["acc1"] > best["acc1"]:
+        best.update(acc1=stats["acc1"], epoch=epoch)
+    record = {"train_lr": lr, "train_loss": train_loss / train_samples, "test_loss": stats["loss"],
+              "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "epoch": epoch,
+              "n_parameters": n_parameters, "best_acc1": best["acc1"], "epoch_time": state.seconds}
+    log.info(f"epoch {epoch}: lr {lr:.2e} train_loss {record['train_loss']:.4f} "
+             f"test_loss {stats['loss']:.4f} acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f} "
+             f"(best {best['acc1']:.2f} @ {best['epoch']}) {state.seconds:.1f}s")
+    return record
+
+
+def finish(cfg: Any, model: nn.Module, progress: Progress, out: Path, device: torch.device) -> dict[str, Any]:
+    """final.json: best and last accuracy, the config and (opt-in) the merged-vs-unmerged speed-up."""
+    best = progress.best
     last = json.loads((out / "log.txt").read_text().splitlines()[-1]) if is_main() else {}
     final = {"best_acc1": best["acc1"], "best_epoch": best["epoch"], "last_acc1": last.get("test_acc1"),
              "epochs": cfg.train.epochs, "finished": True, "config": config_to_dict(cfg)}

@@ -1,8 +1,9 @@
 """Run checkpoints that survive a kill at any moment: written to a temporary file, synced, then renamed.
 
 They hold only what training changes (trainable parameters, optimizer, scheduler, scaler), where to
-continue (``next_epoch``, ``next_step``) and every RNG state, so a resumed run repeats the uninterrupted
-one exactly. Everything is tensors and plain containers, so they load with ``weights_only=True``.
+continue (``next_epoch``, ``next_step``) and every RNG state of every rank (``rng``: one entry per
+process), so a resumed run repeats the uninterrupted one exactly. Everything is tensors and plain
+containers, so they load with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 __all__ = ["DiskFullError", "is_disk_full", "reporting_full_disk", "atomic_write", "save_run_checkpoint",
+           "seed_everything",
            "load_run_checkpoint", "rng_state", "set_rng_state"]
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -103,8 +105,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             raise
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from, as tensors / plain values."""
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and every GPU), numpy and ``random``: a rank's stream is ``seed + rank``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG a training step of this process may draw from, as tensors / plain values.
+
+    On a CUDA ``device`` its generator's state is kept (the only GPU this process draws on), so the
+    state restores wherever that process's device is, whatever the number of visible GPUs.
+    """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -112,19 +125,30 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": has_gauss, "gauss": gauss},
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore ``rng_state``'s result; the CUDA state goes to ``device`` (this process's GPU).
+
+    Older checkpoints hold one CUDA state per GPU visible when they were saved: as many as are visible
+    now are restored (never an IndexError for a run resumed with fewer GPUs).
+    """
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda, device if device is not None and device.type == "cuda" else "cuda")
+    else:
+        for index, one in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(one, index)
 
 
 def save_run_checkpoint(path: str | os.PathLike, **payload: Any) -> None:

@@ -107,6 +107,10 @@ class TrainConfig:
     precision: str = "fp32"
     drop_last: bool = False
     device: str = "auto"
+    compile: str = "off"                      # torch.compile of training and evaluation: lib.engine.COMPILE_MODES
+    tf32: bool = False                        # TF32 fp32 GEMMs / convolutions (Ampere+); false: IEEE fp32
+    grad_checkpointing: bool = False          # timm's set_grad_checkpointing: recompute blocks, less memory
+    slurm_mem: str = ""                       # --mem of a SLURM array element (e.g. 64G); "" = the cluster's default
 
 
 @dataclass
@@ -143,10 +147,12 @@ class Config:
 _OWNERS = {"peft.type": ("models.peft", "PEFT_TYPES"), "peft.init": ("models.peft", "PEFT_INITS"),
            "peft.prompt_mode": ("models.prompt", "PROMPT_MODES"), "model.global_pool": ("models.vit", "GLOBAL_POOLS"),
            "data.normalization": ("lib.data", "NORMALIZATIONS"), "train.precision": ("lib.engine", "PRECISIONS"),
-           "merging.method": ("models.reduction", "REDUCTION_METHODS")}
+           "merging.method": ("models.reduction", "REDUCTION_METHODS"),
+           "train.compile": ("lib.engine", "COMPILE_MODES")}
 _NOT_EMPTY = ("output_dir", "data.root", "data.task", "data.train_split", "data.eval_split")
 _SIZES, _CUSTOM = ("embed_dim", "depth", "num_heads", "patch_size"), "vit"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_MEMORY = re.compile(r"(\d+[KMGT]?)?")   # sbatch --mem: a number of MB, or with a K/M/G/T suffix
 # Names that become folders and pass through shell scripts: portable file-name characters only (a newline
 # in a name made scripts read a wrong line, a task with a space or "*" splits or globs in a word list, ".."
 # leaves the output folder). An experiment may also hold spaces (inside a name) and "/" (sub-folders).
@@ -213,6 +219,9 @@ def _value_errors(cfg: Mapping, owners: bool) -> list[str]:
                [_name_error(k, get_dotted(cfg, k), nested)] if e]
     errors += [f"{k}: {short_repr(get_dotted(cfg, k))} holds a control character (newline, tab, ...)"
                for k in _PATHS if any(ord(c) < 32 or ord(c) == 127 for c in get_dotted(cfg, k))]
+    if not _MEMORY.fullmatch(str(cfg["train"]["slurm_mem"])):
+        errors.append(f"train.slurm_mem: expected sbatch's --mem (e.g. 64G, 16000M; \"\" = default); "
+                      f"got {short_repr(cfg['train']['slurm_mem'])}")
     errors += [f"{k}: must not be empty" for k in _NOT_EMPTY if not get_dotted(cfg, k)] + _SCHEMA.bound_errors(cfg)
     betas, warmup, epochs = cfg["optim"]["betas"], cfg["sched"]["warmup_epochs"], cfg["train"]["epochs"]
     if all(math.isfinite(b) for b in betas) and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):

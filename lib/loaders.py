@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import math
+import random
 import signal
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .distributed import DistInfo
 
-__all__ = ["GlobalBatchSampler", "build_train_loader", "build_eval_loader"]
+__all__ = ["GlobalBatchSampler", "SeededIndices", "SeededSamples", "sample_seed", "build_train_loader",
+           "build_eval_loader"]
 
 
 class GlobalBatchSampler(Sampler[int]):
@@ -63,26 +66,73 @@ class GlobalBatchSampler(Sampler[int]):
         return sum(len(self._share(b)) for b in self.global_batches()[self.start_step:])
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of image ``index``'s random transform in ``epoch``: the same for any process count or worker."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % 2 ** 63
+
+
+class SeededIndices(Sampler[tuple[int, int]]):
+    """A ``GlobalBatchSampler``'s indices, each paired with its ``sample_seed`` (for ``SeededSamples``)."""
+
+    def __init__(self, sampler: GlobalBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.sampler:
+            yield index, sample_seed(self.sampler.seed, self.sampler.epoch, index)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` with torch's CPU, numpy's and Python's RNG seeded by the sample's own seed and
+    restored afterwards: a random augmentation depends on (seed, epoch, image) only, not on which (persistent)
+    worker loads it or on what ran before, and the process's own streams (dropout) are left as they were."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: GPU streams are not touched
+        np.random.seed(seed % 2 ** 32)
+        random.seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+
+
 def build_train_loader(dataset: Dataset, batch_size: int, dist: DistInfo, seed: int, num_workers: int,
-                       drop_last: bool, pin_memory: bool) -> tuple[DataLoader, GlobalBatchSampler, torch.Generator]:
+                       drop_last: bool, pin_memory: bool) -> tuple[DataLoader, GlobalBatchSampler]:
     """Training batches for this rank; ``batch_size`` is the global batch (each of N processes takes 1/N).
 
-    The loader draws worker seeds from its own generator (re-seeded each epoch), never from the global
-    RNG, so a run resumed mid-epoch sees the same dropout masks as an uninterrupted one.
+    Position the sampler (``set_position``) before each epoch. Workers persist across epochs; every
+    sample's random transform is seeded by (seed, epoch, index) (``SeededSamples``), so a run resumed at
+    any step sees the same images as an uninterrupted one, and the loader never draws from the global RNG.
     """
     sampler = GlobalBatchSampler(len(dataset), batch_size, dist.world_size, dist.rank, seed, drop_last)
     generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=batch_size // dist.world_size, sampler=sampler,
-                        num_workers=num_workers, pin_memory=pin_memory, generator=generator,
-                        persistent_workers=False, worker_init_fn=_ignore_interrupts)
-    return loader, sampler, generator
+    generator.manual_seed(seed)
+    loader = DataLoader(SeededSamples(dataset), batch_size=batch_size // dist.world_size,
+                        sampler=SeededIndices(sampler), num_workers=num_workers, pin_memory=pin_memory,
+                        generator=generator, persistent_workers=num_workers > 0, worker_init_fn=_ignore_interrupts)
+    return loader, sampler
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, dist: DistInfo, num_workers: int,
                       pin_memory: bool) -> DataLoader:
+    """This rank's disjoint, unpadded shard of the split, in order (workers persist across evaluations)."""
     shard = dataset if not dist.enabled else Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_ignore_interrupts)
+                      persistent_workers=num_workers > 0, worker_init_fn=_ignore_interrupts)
 
 
 def _ignore_interrupts(worker_id: int) -> None:

@@ -3,6 +3,7 @@ that never mixes recipes (every result-changing config difference is refused or 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -14,8 +15,15 @@ from typing import Any, TextIO
 __all__ = ["RunFolderError", "RunLock", "check_writable", "config_changes", "NEUTRAL_KEYS"]
 
 # Keys that cannot change a run's results: they may differ freely between a run and its resumption.
+# (How a step executes is neutral like the device: compilation, and checkpointing, which recomputes the same
+# values; TF32 is not: it rounds every fp32 product to a 10-bit mantissa, like a change of train.precision.)
 NEUTRAL_KEYS = ("experiment", "output_dir", "config_path", "data.root", "data.num_workers", "train.eval_batch_size",
-                "train.device", "report", "log", "model.allow_partial")
+                "train.device", "train.compile", "train.grad_checkpointing", "train.slurm_mem", "report", "log",
+                "model.allow_partial")
+
+
+# flock's answers when another process holds the lock; any other error means no working flock here
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 class RunFolderError(RuntimeError):
@@ -55,7 +63,14 @@ class RunLock:
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in _HELD:
+                f.close()
+                if self.created:
+                    self.path.unlink(missing_ok=True)
+                raise RunFolderError(f"cannot lock {self.path}: the file system does not support flock "
+                                     f"({e.strerror or e}); put output_dir= on a file system that does "
+                                     f"(a local disk, or NFS with locking enabled)") from None
             holder = _read_holder(f)
             f.close()
             raise RunFolderError(f"{self.path.parent} is in use by another run ({_describe(holder)}); "
@@ -113,14 +128,19 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(before: Mapping, after: Mapping) -> list[tuple[str, Any, Any]]:
-    """``(key, before, after)`` for every result-changing key that differs (``NEUTRAL_KEYS`` excepted)."""
-    old, new = _flatten(before), _flatten(after)
+def config_changes(before: Mapping, after: Mapping, defaults: Mapping | None = None) -> list[tuple[str, Any, Any]]:
+    """``(key, before, after)`` for every result-changing key that differs (``NEUTRAL_KEYS`` excepted).
+
+    A key missing from ``before`` (a run made before the key existed) counts as its value in ``defaults``:
+    a key is only ever added with a default that keeps the earlier behaviour.
+    """
+    old, new, known = _flatten(before), _flatten(after), _flatten(defaults or {})
     neutral = tuple(NEUTRAL_KEYS)
     changes = []
     for key in sorted(set(old) | set(new)):
         if key in neutral or key.startswith(tuple(f"{n}." for n in neutral)):
             continue
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            changes.append((key, old.get(key, "<unset>"), new.get(key, "<unset>")))
+        was = old.get(key, known.get(key, "<unset>"))
+        if was != new.get(key, "<unset>"):
+            changes.append((key, was, new.get(key, "<unset>")))
     return changes

@@ -29,6 +29,7 @@ resolve_config() {
 #   3. "task:spelling,spelling ..." - every folder name a run of a task may have
 #   4. the config's seed (the default of SEEDS)
 #   5. the config's train.batch_size (the global batch, which NPROC processes must divide)
+#   6. train.device, 7. data.num_workers, 8. train.slurm_mem (what NPROC and a SLURM array's request use)
 # A bad config or override fails here with exit code 2, before anything runs.
 resolve_runs() {
     local name="$1" config="$2" tasks="$3"
@@ -51,6 +52,9 @@ spellings = sorted({canonical_task(t) for t in tasks + os.environ["ALL_TASKS"].s
 print(" ".join(f"{t}:" + ",".join([t] + [a for a, c in TASK_ALIASES.items() if c == t]) for t in spellings))
 print(cfg.seed)
 print(cfg.train.batch_size)
+print(cfg.train.device)
+print(cfg.data.num_workers)
+print(cfg.train.slurm_mem)
 PY
 }
 

@@ -4,13 +4,16 @@
 Used by ``scripts/vtab_all.sh --slurm`` and ``scripts/sweep.py --slurm``; usable alone::
 
     printf '%s\\n' "cmd one" "cmd two" | python scripts/slurm_array.py --out job.sbatch --name myjob \\
-        [--log-dir DIR] [--gpus N] [--sbatch=--partition=gpu ...] [--cd DIR] [--env KEY=VALUE ...] [--submit]
+        [--log-dir DIR] [--gpus N] [--processes P --workers W] [--mem 64G] [--sbatch=--partition=gpu ...] \\
+        [--cd DIR] [--env KEY=VALUE ...] [--submit]
 
 Each input line is one element's command, already quoted for bash. The script runs element
 ``$SLURM_ARRAY_TASK_ID`` (so ``SLURM_ARRAY_TASK_ID=3 bash job.sbatch`` runs element 3 without SLURM).
 Every command is expected to skip what is finished and resume what is not, so that submitting the same
-array again is safe. sbatch options on its command line override the ``#SBATCH`` lines, e.g.
-``sbatch --array=0-341%20 job.sbatch`` to run at most 20 elements at a time.
+array again is safe. With ``--workers`` an element asks for ``--cpus-per-task`` = processes × (workers + 1)
+(each training process and its DataLoader workers get a core; SLURM's default is one core in all), and
+``--mem`` for its memory (the config key ``train.slurm_mem``). sbatch options on its command line override
+the ``#SBATCH`` lines, e.g. ``sbatch --array=0-341%20 job.sbatch`` to run at most 20 elements at a time.
 """
 from __future__ import annotations
 
@@ -23,13 +26,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["render", "write_array", "submit", "main"]
+__all__ = ["cpus_per_task", "render", "write_array", "submit", "main"]
+
+
+def cpus_per_task(processes: int, workers: int) -> int:
+    """Cores of one element: each training process and each of its DataLoader workers."""
+    return max(1, processes) * (max(0, workers) + 1)
 
 
 def render(commands: Sequence[str], name: str, log_dir: str | os.PathLike, gpus: int = 1,
            sbatch_options: Sequence[str] = (), cwd: str | os.PathLike | None = None,
-           env: Sequence[str] = (), description: str = "") -> str:
-    """The text of the array script (see the module docstring)."""
+           env: Sequence[str] = (), description: str = "", cpus: int | None = None, mem: str = "") -> str:
+    """The text of the array script (see the module docstring); ``cpus`` / ``mem``: the element's
+    ``--cpus-per-task`` / ``--mem`` (None / "": SLURM's default), unless ``sbatch_options`` give them."""
     if not commands:
         raise ValueError("a job array needs at least one command")
     options = list(sbatch_options)
@@ -37,6 +46,10 @@ def render(commands: Sequence[str], name: str, log_dir: str | os.PathLike, gpus:
               f"#SBATCH --output={Path(log_dir) / '%x_%A_%a.out'}"]
     if gpus > 0 and not any(o.startswith(("--gres", "--gpus", "-G")) for o in options):
         header.append(f"#SBATCH --gres=gpu:{gpus}")
+    if cpus is not None and not any(o.startswith(("--cpus-per-task", "-c")) for o in options):
+        header.append(f"#SBATCH --cpus-per-task={cpus}")
+    if mem and not any(o.startswith("--mem") for o in options):
+        header.append(f"#SBATCH --mem={mem}")
     header += [f"#SBATCH {o}" for o in options]
     lines = ["#!/usr/bin/env bash"]
     lines += [f"# {line}".rstrip() for line in description.strip().splitlines()] if description else []
@@ -93,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", required=True, help="the job name")
     p.add_argument("--log-dir", help="folder of the elements' output files (default: the script's folder)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per element (#SBATCH --gres=gpu:N; 0: none)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="training processes per element (default: --gpus, at least 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per process: request --cpus-per-task = processes x (workers + 1)")
+    p.add_argument("--mem", default="", help="memory per element (#SBATCH --mem, e.g. 64G)")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="an extra #SBATCH line, e.g. --sbatch=--partition=gpu (repeatable)")
     p.add_argument("--cd", help="folder the elements run in")
@@ -103,8 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     commands: list[str] = [line for line in sys.stdin.read().splitlines() if line.strip()]
     try:
+        processes = args.processes if args.processes is not None else max(1, args.gpus)
+        cpus = cpus_per_task(processes, args.workers) if args.workers is not None else None
         path = write_array(args.out, commands, args.name, args.log_dir, gpus=args.gpus,
-                           sbatch_options=args.sbatch, cwd=args.cd, env=args.env, description=args.description)
+                           sbatch_options=args.sbatch, cwd=args.cd, env=args.env, description=args.description,
+                           cpus=cpus, mem=args.mem)
     except ValueError as e:
         print(f"slurm_array.py: {e}", file=sys.stderr)
         return 2

@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                 "sweep.sbatch"
             env = [f"PYTHON={sweep.python}"] + ([f"NPROC={nproc}"] if nproc > 1 else [])
             write_array(path, commands, f"sweep-{Path(sweep.experiment).name}", gpus=nproc,
-                        sbatch_options=args.sbatch, cwd=ROOT, env=env,
+                        cpus=slurm_array.cpus_per_task(nproc, sweep.base.data.num_workers),
+                        mem=str(sweep.base.train.slurm_mem), sbatch_options=args.sbatch, cwd=ROOT, env=env,
                         description=f"Written by scripts/sweep.py --slurm: {config}, tasks {' '.join(tasks)}, "
                                     f"seeds {' '.join(map(str, sweep.seeds))}, grid {sweep.names}.")
             log(f"wrote {path}: {len(commands)} element(s)")

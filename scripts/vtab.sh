@@ -13,7 +13,8 @@
 #   GPU=N                  use GPU N (sets CUDA_VISIBLE_DEVICES unless that is already set)
 #   CUDA_VISIBLE_DEVICES   honoured as is
 #   NPROC=K                K>1: K processes on K GPUs with torchrun (torch.distributed.run); K must
-#                          divide train.batch_size (checked before launching)
+#                          divide train.batch_size, refused when fewer GPUs are visible (both checked
+#                          before launching; train.device=cpu: K CPU processes, gloo)
 #   PYTHON                 interpreter (default: python, else python3)
 # Exit code: 0 when every seed finished (or was finished already), 1 when a seed failed or stopped
 # early, 2 for bad usage or config, 130 when interrupted. With one seed to train, train.py replaces
@@ -98,10 +99,6 @@ canonical="$(sed -n 2p <<<"$resolved")"
 spellings="$(sed -n 3p <<<"$resolved")"
 seeds=(${SEEDS:-$(sed -n 4p <<<"$resolved")})
 check_nproc vtab.sh "$NPROC" "$(sed -n 5p <<<"$resolved")" || exit 2
-if [[ -n "$resume_path" && ${#seeds[@]} -gt 1 ]]; then
-    echo "vtab.sh: --resume $resume_path names one checkpoint; it cannot resume ${#seeds[@]} seeds" >&2
-    exit 2
-fi
 
 # The seeds to train: a finished run is skipped unless --overwrite.
 todo=()
@@ -115,6 +112,22 @@ for seed in "${seeds[@]}"; do
 done
 if [[ ${#todo[@]} -eq 0 ]]; then
     exit 0
+fi
+
+device="$(sed -n 6p <<<"$resolved")"
+if [[ "$NPROC" -gt 1 && "$device" != cpu ]]; then
+    # torch counts the GPUs this process may use (CUDA_VISIBLE_DEVICES applied) without starting CUDA
+    gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || true)"
+    [[ "$gpus" =~ ^[0-9]+$ ]] || gpus=0
+    if [[ "$NPROC" -gt "$gpus" ]]; then
+        echo "vtab.sh: NPROC=$NPROC processes but $gpus visible GPU(s) (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset});" \
+             "use NPROC<=$gpus, or train.device=cpu for CPU processes" >&2
+        exit 2
+    fi
+fi
+if [[ -n "$resume_path" && ${#seeds[@]} -gt 1 ]]; then
+    echo "vtab.sh: --resume $resume_path names one checkpoint; it cannot resume ${#seeds[@]} seeds" >&2
+    exit 2
 fi
 
 command_for() {  # the train.py command of seed $1: options first, then every override, the task last

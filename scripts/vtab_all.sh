@@ -15,6 +15,8 @@
 #               (finished runs are skipped, unfinished ones resume). Run one element without SLURM:
 #               SLURM_ARRAY_TASK_ID=0 bash FILE
 #   --submit    also submit it (sbatch); --sbatch=OPTION adds an #SBATCH line (e.g. --sbatch=--time=8:00:00)
+#               Each element asks for NPROC GPUs, --cpus-per-task = NPROC x (data.num_workers + 1) and, if
+#               the config's train.slurm_mem is set, --mem (an --sbatch option of the same name wins)
 # Environment:
 #   SEEDS="0 1 2"       train these seeds (seed=<k> overrides); default: the config's seed
 #   TASKS="dtd kitti"   restrict to these tasks (any accepted spelling), run in the given order
@@ -99,6 +101,8 @@ seeds=(${SEEDS:-$(sed -n 4p <<<"$resolved")})
 if [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]]; then   # once here, not per task (vtab.sh refuses a malformed NPROC)
     check_nproc vtab_all.sh "${NPROC:-1}" "$(sed -n 5p <<<"$resolved")" || exit 2
 fi
+workers="$(sed -n 7p <<<"$resolved")"
+memory="$(sed -n 8p <<<"$resolved")"
 
 if [[ -n "${TASKS:-}" ]]; then
     read -r -a tasks <<<"$selected"
@@ -146,8 +150,10 @@ if [[ -n "$slurm" ]]; then
         sbatch_args+=("--sbatch=$option")
     done
     [[ $submit -eq 0 ]] || sbatch_args+=(--submit)
+    [[ -z "$memory" ]] || sbatch_args+=(--mem "$memory")
     printf '%s\n' "${commands[@]}" | "$PYTHON" "$ROOT/scripts/slurm_array.py" --out "$slurm_file" \
-        --name "vtab-$(basename "$exp_dir")" --gpus "${NPROC:-1}" --cd "$ROOT" "${env_args[@]}" \
+        --name "vtab-$(basename "$exp_dir")" --gpus "${NPROC:-1}" --processes "${NPROC:-1}" --workers "$workers" \
+        --cd "$ROOT" "${env_args[@]}" \
         --description "Written by scripts/vtab_all.sh --slurm: $exp_dir, tasks ${tasks[*]}, seeds ${seeds[*]}." \
         "${sbatch_args[@]+"${sbatch_args[@]}"}"
     exit $?

@@ -23,6 +23,9 @@ OFFICIAL_ORDER = ("cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn s
 FAKE = """#!{python}
 import json, os, sys
 args = sys.argv[1:]
+if args[:1] == ["-c"] and "device_count" in args[1] and "FAKE_GPUS" in os.environ:  # vtab.sh counting GPUs
+    print(os.environ["FAKE_GPUS"])
+    sys.exit(0)
 if "train.py" not in args:
     os.execv({python!r}, [{python!r}] + args)
 task = [a for a in args if a.startswith("data.task=")][-1].split("=", 1)[1]
@@ -106,9 +109,22 @@ def test_vtab_sh_flags_gpu_and_config_shorthand(fake, tmp_path: Path) -> None:
 
 def test_vtab_sh_multi_gpu_uses_torchrun(fake, config: Path, tmp_path: Path) -> None:
     env, log = fake
-    assert run(VTAB, ["svhn", str(config), f"output_dir={tmp_path}"], env, NPROC="2").returncode == 0
+    assert run(VTAB, ["svhn", str(config), f"output_dir={tmp_path}"], env, NPROC="2", FAKE_GPUS="2").returncode == 0
     (call,) = calls(log)
     assert call["args"][:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+
+
+def test_vtab_sh_refuses_more_processes_than_visible_gpus(fake, config: Path, tmp_path: Path) -> None:
+    env, log = fake
+    proc = run(VTAB, ["svhn", str(config), f"output_dir={tmp_path}"], env, NPROC="4", FAKE_GPUS="2",
+               CUDA_VISIBLE_DEVICES="0,1")
+    assert proc.returncode == 2 and "NPROC=4 processes but 2 visible GPU(s) (CUDA_VISIBLE_DEVICES=0,1)" in proc.stderr
+    assert calls(log) == []
+    # CPU processes (gloo) need no GPU
+    cpu = run(VTAB, ["svhn", str(config), f"output_dir={tmp_path}", "train.device=cpu"], env, NPROC="2",
+              FAKE_GPUS="0")
+    assert cpu.returncode == 0, cpu.stderr
+    assert calls(log)[0]["args"][:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def test_vtab_sh_rejects_bad_usage(fake, config: Path, tmp_path: Path) -> None:
