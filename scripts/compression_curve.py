@@ -4,7 +4,8 @@
 Usage::
 
     python scripts/compression_curve.py <config> --r 2 4 8 12 16 --methods tome pyra [method ...]
-        --tasks dtd kitti ... | all  [--seeds 0 1 2] [--small DIR_OR_CONFIG ...] [key=value ...]
+        --tasks dtd kitti ... | all  [--seeds 0 1 2] [--small DIR_OR_CONFIG ...] [--include DIR ...]
+        [key=value ...]
         [--slurm [FILE] [--submit] [--sbatch=OPTION ...]] [--collect-only] [--out DIR]
         [--throughput measure|recorded] [--device D] [--batch-size B] [--rounds N]
 
@@ -15,7 +16,9 @@ model (``merging.r=null``), is its own experiment ``<experiment>/curve/<method>_
 under the config's output folder, trained task by task with ``scripts/vtab.sh`` (``--resume auto``;
 a finished seed, with its final.json, is skipped; an interrupted one resumes), so running the command
 again continues the grid. ``--small`` adds the small model(s) to compare with: an experiment folder
-(read as it is) or a config (trained on the same tasks and seeds, in its own experiment folder).
+(read as it is) or a config (trained on the same tasks and seeds, in its own experiment folder);
+``--include`` adds experiments trained before (e.g. ``logs/vit_b16/lora_tome_high``) as points, their method
+and r read from their config.yaml (an uncompressed one replaces the grid's own).
 
 ``--slurm`` trains nothing here: it writes one SLURM job array (``scripts/slurm_array.py``; default FILE
 ``<experiment>/curve/slurm/curve.sbatch``) with one element per unfinished point × task × seed, each a
@@ -149,12 +152,37 @@ def _seeds(items: Sequence[str] | None) -> list[int] | None:
     return seeds
 
 
+def included_point(folder: str) -> Point:
+    """An existing experiment as a point of the curve (not trained): method and r from its runs' config.yaml."""
+    import yaml
+
+    cr = _script("collect_results")
+    if not Path(folder).is_dir():
+        raise CurveError(f"--include {folder}: not an experiment folder")
+    for run in cr.find_runs(folder):
+        try:
+            cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        merging = cfg.get("merging") if isinstance(cfg, dict) else None
+        if not isinstance(merging, dict):
+            continue
+        r, pyra, method = merging.get("r"), merging.get("pyra"), merging.get("method") or "tome"
+        experiment = str(Path(folder).resolve())
+        if not r or (isinstance(r, list) and not any(r)):
+            return Point("uncompressed", "uncompressed", None, None, "", [], experiment=experiment, trained=False)
+        label = "pyra" if pyra and method == "tome" else f"{method}+pyra" if pyra else method
+        return Point(f"{label}_r{r_tag(str(r))}", "point", label, str(r), "", [], experiment=experiment,
+                     trained=False)
+    raise CurveError(f"--include {folder}: no run with a config.yaml of this project (merging.r) found")
+
+
 class Curve:
     """The grid: which models, where their runs go, what is finished, and how to train the rest."""
 
     def __init__(self, config: str, rates: Sequence[str], methods: Sequence[str], tasks: Sequence[str],
                  overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
-                 small: Sequence[str] = ()) -> None:
+                 small: Sequence[str] = (), include: Sequence[str] = ()) -> None:
         if not rates or not methods:
             raise CurveError("give at least one --r value and one --methods name")
         if len(set(methods)) != len(methods) or len(set(rates)) != len(rates):
@@ -178,6 +206,10 @@ class Curve:
                 points.append(Point(name, "point", method, r, self.config,
                                     [*method_overrides(method), f"merging.r={r}",
                                      f"experiment={self.experiment}/curve/{name}"]))
+        for item in include:
+            points.append(included_point(item))
+        if any(p.kind == "uncompressed" and not p.trained for p in points):
+            points = points[1:]                      # an included uncompressed experiment replaces the grid's
         for item in small:
             if Path(item).is_dir():
                 points.append(Point(f"small: {Path(item).name}", "small", None, None, "", [], trained=False,
@@ -303,7 +335,7 @@ def _timing_spec(point: Point, curve_overrides: Sequence[str], summary: dict[str
             except ConfigError:
                 continue
     if not point.trained:
-        raise CurveError(f"--small {point.experiment}: no run config.yaml of this project to time the model from")
+        raise CurveError(f"{point.experiment}: no run config.yaml of this project to time the model from")
     overrides = [*curve_overrides, *point.overrides]
     return {"name": point.name, "config": point.config, "overrides": overrides, "num_classes": classes,
             "source": " ".join([point.config, *overrides])}
@@ -448,6 +480,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", help='seeds, e.g. --seeds 0 1 2 (default: $SEEDS, else the config\'s)')
     p.add_argument("--small", nargs="+", default=[], metavar="DIR_OR_CONFIG",
                    help="small model(s): an experiment folder, or a config to train on the same tasks and seeds")
+    p.add_argument("--include", nargs="+", default=[], metavar="DIR",
+                   help="existing experiments to add as points as they are (method and r from their config.yaml); "
+                        "an uncompressed one replaces the grid's")
     p.add_argument("--slurm", nargs="?", const="", metavar="FILE", help="write a SLURM job array instead of training")
     p.add_argument("--submit", action="store_true", help="with --slurm: submit it (sbatch)")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
@@ -482,7 +517,7 @@ def main(argv: Sequence[str] | None = None, measure: Measure | None = None) -> i
         if args.batch_size < 1 or args.rounds < 1:
             raise CurveError("--batch-size and --rounds must be ≥ 1")
         curve = Curve(args.config, args.r, args.methods, _tasks(args.tasks), args.overrides, _seeds(args.seeds),
-                      args.small)
+                      args.small, args.include)
     except (CurveError, ValueError) as e:
         print(f"compression_curve.py: {e}", file=sys.stderr)
         return 2

@@ -183,3 +183,34 @@ def test_collect_only_without_runs_and_bad_usage(fake: Path, tmp_path: Path, cap
         err = capsys.readouterr().err
         assert message in err, err
     assert calls(fake) == []
+
+
+def test_included_experiments_join_the_curve_untrained(fake: Path, tmp_path: Path) -> None:
+    """Runs trained before (e.g. by vtab_all.sh) become points: method and r from their saved config."""
+    from lib.config import load_config, save_config
+
+    included = {}
+    for name, overrides, acc in (("plain", ["merging.r=null", "merging.pyra=false"], 90.0),
+                                 ("pyra_high", ["merging.r=[24,16,8,4]", "merging.pyra=true"], 84.0)):
+        exp = tmp_path / "old" / name
+        for seed in (0, 1):
+            run = exp / "dtd" / f"seed{seed}"
+            run.mkdir(parents=True)
+            save_config(load_config(CONFIG, overrides), run / "config.yaml")
+            (run / "final.json").write_text(json.dumps({"finished": True, "best_acc1": acc + seed,
+                                                        "last_acc1": acc, "epochs": 6}))
+        included[name] = str(exp)
+    seen: list = []
+    args = [CONFIG, f"output_dir={tmp_path / 'logs'}", "--r", "8", "--methods", "pyra", "--tasks", "dtd",
+            "--seeds", "0", "1", "--include", included["plain"], included["pyra_high"]]
+    assert curve_mod.main(args, measure=lambda specs: seen.extend(specs) or [[100.0, 100.0]] * len(specs)) == 0
+    # only the grid's own point trained: the included uncompressed model replaces the grid's
+    assert {c["args"][-3] for c in calls(fake)} == {"experiment=demo/digits/curve/pyra_r8"}
+    assert len(calls(fake)) == 2
+    assert [s["name"] for s in seen] == ["pyra_r8", "uncompressed", "pyra_r24-16-8-4"]
+    assert seen[1]["config"] == str(Path(included["plain"]) / "dtd" / "seed0" / "config.yaml")
+    data = json.loads((tmp_path / "logs" / "demo" / "digits" / "curve" / "curve.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert rows["pyra_r24-16-8-4"]["method"] == "pyra" and rows["pyra_r24-16-8-4"]["r"] == "[24, 16, 8, 4]"
+    assert rows["pyra_r24-16-8-4"]["accuracy"]["value"] == pytest.approx(84.5)
+    assert rows["uncompressed"]["kind"] == "uncompressed" and rows["uncompressed"]["experiment"] == included["plain"]
