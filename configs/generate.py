@@ -1,5 +1,8 @@
 """Write the experiment grid (backbone x PEFT x merging), the ablation rows and the bases from one table.
 
+Also the ViT-B/16 LoRA leaves of ranks 12 and 32 (``vit_b16/lora_r<rank>_<merging>.yaml``, on
+``_base_/peft/lora_r<rank>.yaml``).
+
 The 65 leaf configs (LoRA and Adapter on every backbone, visual prompts on ViT-B/16) differ only in
 which bases they list; the 9 ablation configs (configs/vit_b16/ablation/, the paper's ablation table)
 only in their ``merging`` section; writing them by hand invites drift (a leaf pointing at the wrong merging base, a
@@ -44,6 +47,9 @@ PEFTS: dict[str, str] = {"lora": "LoRA", "adapter": "Adapter", "prompt": "VPT pr
 # PEFT -> the backbone directories that get it (PEFTs not listed: every backbone)
 PEFT_DIRS: dict[str, tuple[str, ...]] = {"prompt": ("vit_b16",)}
 ABLATION_DIR = ("vit_b16", "lora")   # the ablation table's backbone directory and PEFT
+# The official code's other ViT-B/16 LoRA ranks (its generalisation experiments): rank -> leaves
+# vit_b16/lora_r<rank>_<merging>.yaml on the base _base_/peft/lora_r<rank>.yaml.
+LORA_RANKS: dict[str, tuple[int, ...]] = {"vit_b16": (12, 32)}
 
 
 def _yaml_text(value: object) -> str:
@@ -140,6 +146,20 @@ def method_leaf(method: str, level: str) -> str:
             f"_base_:\n{lines}{merging_section(REDUCTION_SETTINGS[method][level])}")
 
 
+def lora_rank_base(rank: int) -> str:
+    """_base_/peft/lora_r<rank>.yaml: LoRA (peft/lora.yaml) with an explicit rank."""
+    return (f"{HEADER}# LoRA of rank {rank} (the official code's other ViT-B LoRA configs); the rest as "
+            f"peft/lora.yaml.\n_base_: lora.yaml\npeft:\n  dim: {rank}\n")
+
+
+def lora_rank_leaf(config_dir: str, rank: int, merging: str) -> str:
+    """<dir>/lora_r<rank>_<merging>.yaml: the LoRA leaf with the rank-<rank> PEFT base."""
+    bases = ["vtab", f"model/{config_dir}", f"peft/lora_r{rank}", f"merging/{merging}"]
+    label = f"{BACKBONE_DIRS[config_dir][1]} + LoRA rank {rank}, {MERGING_LABELS[merging]}"
+    lines = "".join(f"  - ../_base_/{b}.yaml\n" for b in bases)
+    return f"{HEADER}# {label}; official VTAB-1k recipe. Task: data.task=<name>.\n_base_:\n{lines}"
+
+
 def expected_files() -> dict[Path, str]:
     """Every generated file and its exact content."""
     files = {CONFIGS / "_base_" / "merging" / f"{m}.yaml": merging_base(m) for m in MERGING_SETTINGS}
@@ -152,6 +172,12 @@ def expected_files() -> dict[Path, str]:
         for peft in (p for p in PEFTS if config_dir in PEFT_DIRS.get(p, BACKBONE_DIRS)):
             for merging in MERGING_SETTINGS:
                 files[CONFIGS / config_dir / f"{peft}_{merging}.yaml"] = leaf(config_dir, peft, merging)
+    for config_dir, ranks in LORA_RANKS.items():
+        for rank in ranks:
+            files[CONFIGS / "_base_" / "peft" / f"lora_r{rank}.yaml"] = lora_rank_base(rank)
+            for merging in MERGING_SETTINGS:
+                path = CONFIGS / config_dir / f"lora_r{rank}_{merging}.yaml"
+                files[path] = lora_rank_leaf(config_dir, rank, merging)
     return files
 
 
@@ -159,7 +185,9 @@ def stale_files(expected: dict[Path, str]) -> list[Path]:
     """YAML files in the generated directories that the table no longer produces."""
     dirs = [CONFIGS / "_base_" / "model", CONFIGS / "_base_" / "merging", CONFIGS / ABLATION_DIR[0] / "ablation"]
     dirs += [CONFIGS / d for d in BACKBONE_DIRS]
-    return sorted(p for d in dirs if d.is_dir() for p in d.glob("*.yaml") if p not in expected)
+    found = [p for d in dirs if d.is_dir() for p in d.glob("*.yaml")]
+    found += (CONFIGS / "_base_" / "peft").glob("lora_r*.yaml")    # the hand-written PEFT bases stay
+    return sorted(p for p in found if p not in expected)
 
 
 def main(argv: list[str] | None = None) -> int:

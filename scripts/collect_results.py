@@ -31,6 +31,8 @@ ablation table (one row per experiment: Natural / Specialized / Structured / mea
 trainable parameters), also written to ablation.md; e.g. on the nine folders of configs/vit_b16/ablation::
 
     python scripts/collect_results.py logs/vit_b16/ablation/* --ablation
+
+``--adverse COMPRESSED... --small SMALL`` writes the adverse-compression table instead (scripts/adverse.py).
 """
 from __future__ import annotations
 
@@ -925,6 +927,16 @@ def collect(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None
     return result
 
 
+def _adverse_module():
+    """scripts/adverse.py (the --adverse table), loaded by path: scripts/ is not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adverse", Path(__file__).with_name("adverse.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -939,7 +951,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--ablation", action="store_true",
                         help="also the ablation table's layout (group means and trainable parameters per row)")
+    adverse = _adverse_module()
+    adverse.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.adverse or args.small:
+        return adverse.run(args)
     if not args.experiments and not args.compare:
         parser.error("give experiment folders, --compare A B, or both")
     try:

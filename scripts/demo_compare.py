@@ -1,20 +1,25 @@
 #!/usr/bin/env python
-"""Table and plot of the demo comparison (``scripts/demo_compare.sh``): no merging / ToMe / PYRA.
+"""Table and plot of the demo comparison (``scripts/demo_compare.sh``): no merging / ToMe / PYRA / small backbone.
 
-    python scripts/demo_compare.py logs/demo_compare [--names lora lora_tome_high lora_pyra_high] [--rounds 7]
+    python scripts/demo_compare.py logs/demo_compare [--names lora lora_tome_high lora_pyra_high small_lora]
+        [--small small_lora] [--rounds 7]
 
-Reads the one finished run under each ``<root>/<name>/`` (train.py's ``<experiment>/<task>/seed<k>/``)
-as train.py wrote it (``final.json``: last and best top-1; ``efficiency.json``: fvcore GFLOPs, trainable
-parameters, tokens per layer; ``config.yaml``; the trained ``last.pth``), then measures inference images/s
-of all runs again **in this one process, interleaved** over ``--rounds`` rounds at the runs'
-``report.benchmark_batch`` (eval mode, random input), so that a busy machine slows every setting alike;
-the speed-up is the median over rounds of each run's images/s over the first run's (no merging) in the
-same round. Prints one Markdown table and writes ``compare.md``, ``compare.json`` and ``compare.png``
-(top-1 against images/s) into ``<root>``.
+Reads the finished runs under each ``<root>/<name>/`` (train.py's ``<experiment>/<task>/seed<k>/``, one
+per seed; top-1 is the mean over seeds) as train.py wrote them (``final.json``: last and best top-1;
+``efficiency.json``: fvcore GFLOPs, trainable parameters, tokens per layer; ``config.yaml``; the trained
+``last.pth``), then measures inference images/s of the first seed's models again **in this one process,
+interleaved** over ``--rounds`` rounds at the runs' ``report.benchmark_batch`` (eval mode, random input),
+so that a busy machine slows every setting alike; the speed-up is the median over rounds of each run's
+images/s over the first run's (no merging) in the same round. Then the adverse-compression verdict of these
+numbers (scripts/adverse.py's rule): is each merged large model below the small backbone (``--small``)
+while at least as fast? With one seed per row the noise is unknown and no claim is made (``SEEDS="0 1 2"``
+in demo_compare.sh gives Welch's test over seeds). Prints the table and the verdicts, and writes
+``compare.md``, ``compare.json`` and ``compare.png`` (top-1 against images/s) into ``<root>``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -29,11 +34,15 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import yaml  # noqa: E402
 
-from lib.benchmark import measure_throughput  # noqa: E402
 from models import create_model, load_checkpoint, read_checkpoint  # noqa: E402
 
-DEFAULT_NAMES = ("lora", "lora_tome_high", "lora_pyra_high")
-LABELS = {"lora": "LoRA, no merging", "lora_tome_high": "LoRA + ToMe high", "lora_pyra_high": "LoRA + PYRA high"}
+_spec = importlib.util.spec_from_file_location("adverse", Path(__file__).with_name("adverse.py"))
+adverse = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(adverse)
+
+DEFAULT_NAMES = ("lora", "lora_tome_high", "lora_pyra_high", "small_lora")
+LABELS = {"lora": "LoRA, no merging", "lora_tome_high": "LoRA + ToMe high", "lora_pyra_high": "LoRA + PYRA high",
+          "small_lora": "small backbone, LoRA, no merging"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,18 +50,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("root", help="the folder demo_compare.sh trained into (its OUT)")
     p.add_argument("--names", nargs="+", default=list(DEFAULT_NAMES),
                    help="experiment names under root; the first is the no-merging reference")
+    p.add_argument("--small", default="small_lora",
+                   help="the name of the small-backbone row that merged rows are judged against ('' : none)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: %(default)s)")
     p.add_argument("--min-seconds", type=float, default=0.3, help="timed seconds per setting and round")
     return p.parse_args(argv)
 
 
-def find_run(root: Path, name: str) -> Path:
-    """The one finished run folder (holding ``final.json``) under ``<root>/<name>``."""
+def find_runs(root: Path, name: str) -> list[Path]:
+    """The finished run folders (holding ``final.json``) under ``<root>/<name>``, one per seed."""
     found = sorted(p.parent for p in (root / name).rglob("final.json"))
-    if len(found) != 1:
-        what = "no finished run (final.json)" if not found else f"{len(found)} finished runs ({found})"
-        raise FileNotFoundError(f"{root / name}: expected one finished run, found {what}")
-    return found[0]
+    if not found:
+        raise FileNotFoundError(f"{root / name}: expected a finished run (final.json), found none")
+    return found
 
 
 def read_run(folder: Path) -> dict[str, Any]:
@@ -80,16 +90,14 @@ def rebuild(folder: Path, cfg: dict[str, Any]) -> nn.Module:
 
 
 def interleaved_throughput(models: list[nn.Module], batch: int, img_size: int, rounds: int,
-                           min_seconds: float) -> tuple[list[float], list[float]]:
-    """Median images/s of each model, and the median over rounds of its ratio to the first model in the
-    same round (drift of a busy machine cancels within a round), over ``rounds`` rounds."""
-    rates: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for i, model in enumerate(models):
-            rates[i].append(measure_throughput(model, batch, img_size, torch.device("cpu"), warmup=1, runs=3,
-                                               min_seconds=min_seconds)["images_per_s"])
+                           min_seconds: float) -> tuple[list[float], list[float], list[list[float]]]:
+    """Median images/s of each model, the median over rounds of its ratio to the first model in the same
+    round (drift of a busy machine cancels within a round), and the per-round rates, over ``rounds`` rounds
+    (``adverse.interleaved_rates``: the order rotates from round to round)."""
+    rates = adverse.interleaved_rates(models, batch, [img_size] * len(models), torch.device("cpu"), rounds,
+                                      min_seconds)
     ratios = [statistics.median(a / b for a, b in zip(r, rates[0])) for r in rates]
-    return [statistics.median(r) for r in rates], ratios
+    return [statistics.median(r) for r in rates], ratios, rates
 
 
 def table(rows: list[dict[str, Any]], batch: int) -> str:
@@ -123,28 +131,65 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def verdicts(rows: list[dict[str, Any]], small: str) -> list[dict[str, Any]]:
+    """Each merged row against the small-backbone row: speed from the per-round rates, accuracy (last top-1
+    per seed) by Welch's rule (adverse.verdict)."""
+    ref = next((r for r in rows if r["name"] == small), None)
+    if ref is None:
+        return []
+    out = []
+    for r in rows:
+        if r is ref or not any(r["r"] or []):
+            continue
+        speed = adverse.speed_stats(r["rates"], ref["rates"])
+        judged = adverse.verdict(r["top1_seeds"], ref["top1_seeds"], speed["speed"])
+        out.append({"row": r["label"], "small": ref["label"], "top1": r["top1"], "small_top1": ref["top1"],
+                    "ratio": speed["ratio"], "speed": speed["speed"], "diff": judged["diff"], "p": judged["p"],
+                    "adverse": judged["adverse"], "verdict": judged["verdict"].replace("*", ""),
+                    "seeds": [len(r["top1_seeds"]), len(ref["top1_seeds"])]})
+    return out
+
+
+def verdict_text(items: list[dict[str, Any]]) -> str:
+    lines = ["Adverse compression (below the small backbone at ≥ its images/s; Welch's test over seeds, p < 0.05):"]
+    for v in items:
+        lines.append(f"- {v['row']} vs {v['small']}: top-1 {v['top1']:.2f} vs {v['small_top1']:.2f} "
+                     f"(Δ {v['diff']:+.2f}), {v['ratio']:.2f}× its images/s ({v['speed']}), seeds "
+                     f"{v['seeds'][0]} vs {v['seeds'][1]} → {v['verdict']}"
+                     + ("" if v["p"] is None else f" (p = {v['p']:.3f})"))
+    if any(v["p"] is None for v in items):
+        lines.append('  (one seed per row: the noise is unknown; SEEDS="0 1 2" scripts/demo_compare.sh trains '
+                     "three and applies the test)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(args.root)
-    folders = {name: find_run(root, name) for name in args.names}
-    runs = {name: read_run(folder) for name, folder in folders.items()}
-    cfgs = [run["config"] for run in runs.values()]
+    folders = {name: find_runs(root, name) for name in args.names}
+    runs = {name: [read_run(f) for f in found] for name, found in folders.items()}
+    cfgs = [seeds[0]["config"] for seeds in runs.values()]
     batch, img_size = cfgs[0]["report"]["benchmark_batch"], cfgs[0]["model"]["img_size"]
-    models = [rebuild(folders[name], run["config"]) for name, run in runs.items()]
+    models = [rebuild(folders[name][0], seeds[0]["config"]) for name, seeds in runs.items()]
     with torch.no_grad():
-        speeds, ratios = interleaved_throughput(models, batch, img_size, args.rounds, args.min_seconds)
+        speeds, ratios, rates = interleaved_throughput(models, batch, img_size, args.rounds, args.min_seconds)
     rows = []
-    for (name, run), speed, ratio in zip(runs.items(), speeds, ratios):
-        eff, final = run["efficiency"], run["final"]
-        rows.append({"name": name, "label": LABELS.get(name, name), "r": run["config"]["merging"]["r"],
-                     "tokens": eff["tokens_per_layer"], "top1": final["last_acc1"], "best_top1": final["best_acc1"],
-                     "epochs": final["epochs"], "gflops": eff.get("gflops", float("nan")), "images_per_s": speed,
-                     "speedup": ratio, "trainable": eff["n_parameters"]})
-    text = table(rows, batch)
+    for (name, seeds), speed, ratio, rate in zip(runs.items(), speeds, ratios, rates):
+        eff = seeds[0]["efficiency"]
+        last = [s["final"]["last_acc1"] for s in seeds]
+        rows.append({"name": name, "label": LABELS.get(name, name), "r": seeds[0]["config"]["merging"]["r"],
+                     "tokens": eff["tokens_per_layer"], "top1": statistics.mean(last), "top1_seeds": last,
+                     "best_top1": statistics.mean(s["final"]["best_acc1"] for s in seeds),
+                     "seeds": [s["config"]["seed"] for s in seeds], "epochs": seeds[0]["final"]["epochs"],
+                     "gflops": eff.get("gflops", float("nan")), "images_per_s": speed, "speedup": ratio,
+                     "rates": rate, "trainable": eff["n_parameters"]})
+    judged = verdicts(rows, args.small)
+    text = table(rows, batch) + ("\n\n" + verdict_text(judged) if judged else "")
     print(text)
     (root / "compare.md").write_text(text + "\n")
     (root / "compare.json").write_text(json.dumps({"batch": batch, "threads": torch.get_num_threads(),
-                                                   "rounds": args.rounds, "rows": rows}, indent=2))
+                                                   "rounds": args.rounds, "rows": rows, "verdicts": judged},
+                                                  indent=2))
     plot(rows, root / "compare.png")
     print(f"wrote {root / 'compare.md'}, {root / 'compare.json'}, {root / 'compare.png'}")
     return 0

@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed: results depend on it)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=0, help="also write <out>.step<N> every N steps (0: never)")
+    p.add_argument("--save-dtype", default="float32", choices=("float32", "float16"),
+                   help="tensor type in the file; float16 halves it (the weights are rounded before the final "
+                        "evaluation, so the recorded top-1 is the file's)")
     return p.parse_args(argv)
 
 
@@ -126,10 +129,10 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def checkpoint_bytes(model: nn.Module, meta: dict[str, Any]) -> bytes:
-    """``torch.save`` of ``{"model", "meta"}`` into memory: the bytes depend on the content only (the
-    archive's inner name would otherwise follow the file name)."""
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+def checkpoint_bytes(model: nn.Module, meta: dict[str, Any], dtype: torch.dtype = torch.float32) -> bytes:
+    """``torch.save`` of ``{"model", "meta"}`` (tensors as ``dtype``) into memory: the bytes depend on the
+    content only (the archive's inner name would otherwise follow the file name)."""
+    state = {k: v.detach().to(dtype).clone().contiguous() for k, v in model.state_dict().items()}
     buffer = io.BytesIO()
     torch.save({"model": state, "meta": meta}, buffer)
     return buffer.getvalue()
@@ -188,14 +191,21 @@ def main(argv: list[str] | None = None) -> int:
             write_atomic(Path(f"{args.out}.step{step + 1}"),
                          checkpoint_bytes(model, {"format": "demo-backbone", "arch": arch, "step": step + 1}))
 
+    dtype = getattr(torch, args.save_dtype)
+    if dtype != torch.float32:
+        with torch.no_grad():                           # evaluate the weights the file will hold
+            for tensor in model.state_dict().values():
+                tensor.copy_(tensor.to(dtype))
     top1 = source_accuracy(model, eval_images, eval_labels)
     seconds = time.perf_counter() - start
     recipe = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay",
                                             "label_smoothing", "clip_grad", "recon_weight", "seed", "threads")}
+    if dtype != torch.float32:
+        recipe["save_dtype"] = args.save_dtype
     meta = {"format": "demo-backbone", "arch": arch, "classes": GLYPHS, "fonts": list(FONT_FILES),
             "recipe": recipe, "source_eval": {"seed": args.eval_seed, "size": args.eval_size, "top1": top1},
             "torch": torch.__version__.split("+")[0]}
-    data = checkpoint_bytes(model, meta)
+    data = checkpoint_bytes(model, meta, dtype)
     out = Path(args.out)
     write_atomic(out, data)
     import hashlib

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo" / "digits.yaml"
 SHIPPED = REPO / "weight" / "demo_vit_p4_32.pth"
 SHIPPED_SHA256 = "eef2b97c9be7b88de6068906551b2618fe2a10d3cd3c07c5e802cdb3d53caad0"
+SMALL = REPO / "weight" / "demo_vit_small_p4_32.pth"        # the small backbone of scripts/demo_compare.sh
+SMALL_SHA256 = "5cf63c1070e5f1f545386456156a696db168e3408b8751999274e178cd436a90"
 ENV = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
 
 
@@ -119,18 +121,62 @@ def test_pretrain_script_runs_a_tiny_setting_and_reproduces_its_bytes(tmp_path):
     assert {param_categories(model)[k] for k in report.missing} == {"lora", "head"}
 
 
+def test_small_demo_backbone_is_shipped_small_and_scores_its_recorded_source_accuracy():
+    sizes = dict(re.findall(r"model\.(embed_dim|num_heads)=(\d+)", (REPO / "scripts" / "demo_compare.sh").read_text()))
+    assert SMALL.is_file() and SMALL.stat().st_size <= 2 * 2**20
+    assert sha256(SMALL) == SMALL_SHA256 and SMALL_SHA256 in (REPO / "weight" / "README.md").read_text()
+    probe = subprocess.run(["git", "check-ignore", "-q", str(SMALL)], cwd=REPO, capture_output=True)
+    if probe.returncode in (0, 1):
+        assert probe.returncode == 1, f"{SMALL} is git-ignored"
+    ckpt = read_checkpoint(str(SMALL))
+    meta, large = ckpt["meta"], read_checkpoint(str(SHIPPED))["meta"]
+    assert meta["arch"] == {**large["arch"], "embed_dim": int(sizes["embed_dim"]), "num_heads": int(sizes["num_heads"])}
+    assert meta["arch"]["embed_dim"] < large["arch"]["embed_dim"]
+    assert {k: v for k, v in meta["recipe"].items() if k != "save_dtype"} == large["recipe"]   # the same recipe
+    assert meta["recipe"]["save_dtype"] == "float16" and {t.dtype for t in ckpt["model"].values()} == {torch.float16}
+    arch = dict(meta["arch"])
+    model = create_model("vit", num_classes=10, peft="lora", **arch)
+    report = load_checkpoint(model, str(SMALL), kind="pretrained")
+    assert not report.unexpected and {param_categories(model)[k] for k in report.missing} == {"lora", "head"}
+    model = create_model("vit", num_classes=len(GLYPHS), peft="none", **arch)
+    load_checkpoint(model, str(SMALL), kind="finetuned")
+    recorded = meta["source_eval"]
+    images, labels = make_batch(recorded["size"], seed=recorded["seed"])
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat([model(normalize(images[i:i + 500])).argmax(1) for i in range(0, len(labels), 500)])
+    top1 = 100.0 * (preds == labels).float().mean().item()
+    assert abs(top1 - recorded["top1"]) <= 0.5 and recorded["top1"] >= 90.0, (top1, recorded)
+    assert f"{recorded['top1']:.2f}" in (REPO / "weight" / "README.md").read_text()
+
+
 def test_demo_compare_runs_end_to_end_with_one_epoch_each(tmp_path):
     out, data = tmp_path / "runs", tmp_path / "data"
-    env = dict(ENV, OUT=str(out), DATA_ROOT=str(data), ROUNDS="2")
+    env = dict(ENV, OUT=str(out), DATA_ROOT=str(data), ROUNDS="2", CURVE_R="8")
     # one epoch on the 200 validation digits, evaluated on them: the whole pipeline, a fraction of the time
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo_compare.sh"), "train.epochs=1",
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo_compare.sh"), "--curve", "train.epochs=1",
                            "data.train_split=val200", "data.eval_split=val200", "report.benchmark_seconds=0.05",
                            "report.speedup=false"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "compare.png").stat().st_size > 1000
-    rows = {r["name"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
-    assert list(rows) == ["lora", "lora_tome_high", "lora_pyra_high"]
+    result = json.loads((out / "compare.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["lora", "lora_tome_high", "lora_pyra_high", "small_lora"]
+    small = rows["small_lora"]
+    assert small["tokens"] == [65] * 5 and small["gflops"] < rows["lora"]["gflops"]
+    # the verdict of its own numbers: each merged row against the small backbone, whatever they are
+    verdicts = {v["row"]: v for v in result["verdicts"]}
+    assert list(verdicts) == ["LoRA + ToMe high", "LoRA + PYRA high"]
+    assert all(v["small"] == "small backbone, LoRA, no merging" and v["adverse"] is None for v in verdicts.values())
+    assert "Adverse compression" in proc.stdout and "one seed per row: the noise is unknown" in proc.stdout
+    # --curve: ToMe and PYRA at CURVE_R besides high, the three rows above reused, the small model marked
+    curve = {r["name"]: r for r in json.loads((out / "curve" / "curve.json").read_text())["rows"]}
+    assert set(curve) == {"tome_r8", "pyra_r8", "uncompressed", "tome_r24-16-8-4", "pyra_r24-16-8-4",
+                          "small: small_lora"}
+    assert curve["small: small_lora"]["kind"] == "small" and curve["uncompressed"]["kind"] == "uncompressed"
+    assert curve["tome_r24-16-8-4"]["accuracy"]["value"] == rows["lora_tome_high"]["top1"]     # last top-1
+    assert (out / "curve" / "curve.png").stat().st_size > 1000
     plain, tome, pyra = rows["lora"], rows["lora_tome_high"], rows["lora_pyra_high"]
     assert plain["speedup"] == 1.0 and not any(plain["r"] or []) and plain["tokens"] == [65] * 5
     assert tome["r"] == pyra["r"] == [24, 16, 8, 4] and tome["tokens"] == pyra["tokens"] == [65, 41, 25, 17, 13]
@@ -138,4 +184,4 @@ def test_demo_compare_runs_end_to_end_with_one_epoch_each(tmp_path):
     assert plain["trainable"] == tome["trainable"] < pyra["trainable"]
     assert all(r["epochs"] == 1 and 0 <= r["top1"] <= 100 for r in rows.values())
     table = (out / "compare.md").read_text()
-    assert table in proc.stdout and len(re.findall(r"^\| LoRA", table, re.M)) == 3
+    assert table in proc.stdout and len(re.findall(r"^\| (LoRA|small)", table, re.M)) == 4
