@@ -37,6 +37,15 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"
 ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is faster than two fighting for a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def args(root, out, *extra):
     return ["--config", CONFIG, f"data.root={root}", "data.task=digits", f"output_dir={out}", "experiment=d",
             *TINY, *extra]
@@ -271,8 +280,9 @@ def _free_port() -> int:
 def _rank_main(rank: int, runs: list[tuple[list[str], int, int]], results: Path) -> None:
     """One of 2 gloo ranks: ``train.main(argv)`` for each run (its own rendezvous port) with the dropout
     masks recorded and, on rank 0, a pre-emption signal at a given training step (0: none)."""
-    os.environ.update(OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)  # two ranks on a small machine: one core each
     real_ce, real_dropout = F.cross_entropy, F.dropout
     calls, masks, stop_at = [0], [], [0]
 

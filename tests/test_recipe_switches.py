@@ -30,6 +30,15 @@ TINY = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.
         "report.benchmark_seconds=0.01", "report.flops=false", "sched.warmup_epochs=0", "train.device=cpu"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is faster than two fighting for a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.compile=fast", "train.compile: expected one of off, default, reduce-overhead, max-autotune; got 'fast'"),
     ("train.tf32=maybe", "train.tf32: expected bool, got 'maybe'"),
