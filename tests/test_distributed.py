@@ -254,7 +254,9 @@ def test_refusal_on_rank_0_ends_both_ranks(digits_root, tmp_path):
     proc = torchrun(REPO / "train.py", args(digits_root, tmp_path, "train.epochs=1"), timeout=60)
     assert time.monotonic() - start < 60
     lines = error_lines(proc)
-    assert exit_codes(proc) == [3, 3] and len(lines) == 2 and lines[0] == lines[1], proc.stdout + proc.stderr
+    # every rank ends (torchrun returned within the minute) with the refusal's code; the line is printed once
+    codes = exit_codes(proc)
+    assert codes and set(codes) == {3} and len(lines) == 1, proc.stdout + proc.stderr
     assert "holds a finished run" in lines[0]
 
 
@@ -264,7 +266,8 @@ def test_non_finite_loss_on_rank_1_only_ends_both(digits_root, tmp_path, wrapper
          *args(digits_root, tmp_path, "train.epochs=2", "train.batch_size=50")],
         cwd=REPO, env={**ENV, "NAN_AT_CALL": "3", "NAN_RANK": "1"}, capture_output=True, text=True, timeout=120)
     lines = error_lines(proc)
-    assert exit_codes(proc) == [4, 4] and len(lines) == 2 and lines[0] == lines[1], proc.stdout + proc.stderr
+    codes = exit_codes(proc)
+    assert codes and set(codes) == {4} and len(lines) == 1, proc.stdout + proc.stderr   # printed once, by rank 0
     assert "loss is nan at epoch 0, step 2 on rank 1" in lines[0]
     assert not (run_folder(tmp_path) / "last.pth").exists()
 
