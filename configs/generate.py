@@ -127,23 +127,25 @@ def leaf(config_dir: str, peft: str, merging: str) -> str:
     return f"{HEADER}# {label}; official VTAB-1k recipe. Task: data.task=<name>.\n_base_:\n{lines}"
 
 
+def _with_merging(comment: str, up: str, overrides: dict[str, object]) -> str:
+    """A ViT-B/16 + LoRA leaf (recipe, model, PEFT bases ``up`` folders above) with its own merging section."""
+    lines = "".join(f"  - {up}_base_/{b}.yaml\n" for b in ["vtab", "model/vit_b16", "peft/lora"])
+    return f"{HEADER}{comment}_base_:\n{lines}{merging_section(overrides)}"
+
+
 def ablation_leaf(row: str) -> str:
     """vit_b16/ablation/<row>.yaml: ViT-B/16 + LoRA with the row's merging section (high compression)."""
     config_dir, peft = ABLATION_DIR
-    bases = ["vtab", f"model/{config_dir}", f"peft/{peft}"]
-    lines = "".join(f"  - ../../_base_/{b}.yaml\n" for b in bases)
-    return (f"{HEADER}# Ablation row: {BACKBONE_DIRS[config_dir][1]} + {PEFTS[peft]}, {ABLATION_LABELS[row]}; "
-            f"official VTAB-1k recipe.\n# Task: data.task=<name>. models/README.md has each variant's formula.\n"
-            f"_base_:\n{lines}{merging_section(ABLATION_SETTINGS[row])}")
+    return _with_merging(f"# Ablation row: {BACKBONE_DIRS[config_dir][1]} + {PEFTS[peft]}, {ABLATION_LABELS[row]}; "
+                         f"official VTAB-1k recipe.\n# Task: data.task=<name>. models/README.md has each variant's "
+                         f"formula.\n", "../../", ABLATION_SETTINGS[row])
 
 
 def method_leaf(method: str, level: str) -> str:
     """vit_b16/lora_<method>_<level>.yaml: ViT-B/16 + LoRA with another reduction method at ToMe's compression."""
-    bases = ["vtab", "model/vit_b16", "peft/lora"]
-    lines = "".join(f"  - ../_base_/{b}.yaml\n" for b in bases)
-    return (f"{HEADER}# ViT-B/16, ImageNet-21k + LoRA, {method} at ToMe {level}'s FLOPs; official VTAB-1k recipe.\n"
-            f"# Task: data.task=<name>. models/README.md describes the method.\n"
-            f"_base_:\n{lines}{merging_section(REDUCTION_SETTINGS[method][level])}")
+    return _with_merging(f"# ViT-B/16, ImageNet-21k + LoRA, {method} at ToMe {level}'s FLOPs; official VTAB-1k "
+                         f"recipe.\n# Task: data.task=<name>. models/README.md describes the method.\n", "../",
+                         REDUCTION_SETTINGS[method][level])
 
 
 def lora_rank_base(rank: int) -> str:
