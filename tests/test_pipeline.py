@@ -112,6 +112,17 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(digits_root, tmp_path
     assert "stopped by signal" in output
     state = torch.load(out / "t" / "digits" / "seed0" / "last.pth", weights_only=True)
     assert state["next_epoch"] == 1 and state["epoch_state"]["step"] >= 50   # saved mid-epoch
+    # as a run saved before PYRA's parameters were renamed would hold them (blocks.N.pyra.weight_r, ...):
+    # the resume is exact from those names too
+    earlier = [(".reduction.pyra.to_channel_weight", ".pyra.weight_r"),
+               (".reduction.pyra.to_token_weight", ".pyra.weight_d"), (".reduction.pyra.norm.", ".pyra.norm.")]
+    renamed = {}
+    for key, value in state["model"].items():
+        for new, old in earlier:
+            key = key.replace(new, old)
+        renamed[key] = value
+    assert renamed.keys() != state["model"].keys() and "blocks.0.pyra.weight_r" in renamed
+    torch.save({**state, "model": renamed}, out / "t" / "digits" / "seed0" / "last.pth")
     run_train(digits_root, out, *extra, resume="auto")
     assert_same_run(tmp_path / "straight" / "t" / "digits" / "seed0", out / "t" / "digits" / "seed0")
 

@@ -1,7 +1,7 @@
 """The token-reduction seam and PYRA's variants: every variant against its formula written out by hand
 (values and gradients), identity at initialisation, gradients only where they belong, a method defined in
 this file selected from YAML and trained end to end with no change to the block, the ablation configs,
-and checkpoints with PYRA's earlier parameter names."""
+and checkpoints with PYRA's earlier parameter names (resume from them: tests/test_pipeline.py)."""
 import itertools
 import json
 import os
@@ -317,23 +317,6 @@ def test_run_checkpoint_with_earlier_pyra_names_loads_exactly(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh(x), trained(x))
-
-
-def test_resume_from_a_checkpoint_with_earlier_names_is_exact(digits_root, tmp_path):
-    from test_pipeline import assert_same_run, run_train, start_until
-    extra = ["train.epochs=2", "train.eval_interval=1", "train.batch_size=20"]
-    run_train(digits_root, tmp_path / "straight", *extra)
-    out = tmp_path / "old"
-    proc = start_until(digits_root, out, extra, "epoch 1 step")
-    proc.kill()
-    proc.wait()
-    last = out / "t" / "digits" / "seed0" / "last.pth"
-    ckpt = torch.load(last, weights_only=True)
-    assert ckpt["next_epoch"] >= 1 and any(".reduction.pyra." in k for k in ckpt["model"])
-    ckpt["model"] = _earlier_names(ckpt["model"])
-    torch.save(ckpt, last)
-    run_train(digits_root, out, *extra, resume="auto")
-    assert_same_run(tmp_path / "straight" / "t" / "digits" / "seed0", out / "t" / "digits" / "seed0")
 
 
 def test_merging_block_is_a_timm_block_fn():
