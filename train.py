@@ -56,8 +56,7 @@ from lib.logger import JsonLog, TensorBoardLog, setup_logger
 from lib.optim import build_optimizer, build_scheduler
 from lib.runs import RunFolderError, RunLock, check_writable, config_changes
 from models import CheckpointError, param_report, trainable_state_dict
-from models.checkpoint import check_checkpoint_file
-from models.pyra import rename_earlier_keys
+from models.checkpoint import check_checkpoint_file, rename_earlier_keys
 from models.reduction import learned_records
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo" / "digits.yaml"

@@ -10,6 +10,7 @@ import argparse
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +19,8 @@ import torch.nn as nn
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch.overrides import TorchFunctionMode
 
-from .pyra import rename_earlier_keys
-
 __all__ = ["CheckpointError", "LoadReport", "OWN_FORMAT", "check_checkpoint_file", "read_checkpoint", "load_checkpoint",
-           "trainable_state_dict", "unwrap_model"]
+           "trainable_state_dict", "unwrap_model", "rename_earlier_keys"]
 
 OWN_FORMAT = "pyra-checkpoint"  # value of the "format" key in checkpoints this project writes
 
@@ -31,7 +30,7 @@ _OFFICIAL_RENAMES = [
     (re.compile(r"\.attn\.LoRA_b\."), ".attn.qkv.lora_up."),
     (re.compile(r"\.adapter\.ln1\."), ".adapter.down."),
     (re.compile(r"\.adapter\.ln2\."), ".adapter.up."),
-]   # PYRA's own parameters: models.pyra.rename_earlier_keys
+]   # PYRA's own parameters: _EARLIER_PYRA_KEYS
 _OFFICIAL_MARKERS = ("LoRA_a", "LoRA_b", "pyra_a", "pyra_b", "pyra_norm", "adapter.ln1")
 _HEAD_PREFIXES = ("head.", "head_dist.")
 
@@ -142,13 +141,28 @@ def _unwrap(ckpt: dict[str, Any], dropped: list[str] | None = None) -> dict[str,
     return sd
 
 
-def _rename_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _renamed(sd: Mapping[str, Any], rules: list[tuple[re.Pattern, str]]) -> dict[str, Any]:
     out = {}
     for k, v in sd.items():
-        for pattern, repl in _OFFICIAL_RENAMES:
+        for pattern, repl in rules:
             k = pattern.sub(repl, k)
         out[k] = v
     return out
+
+
+# Earlier names of the paper's PYRA parameters -> this layout's: the official code's (``pyra_a`` = W_r,
+# ``pyra_b`` = W_D, ``pyra_norm``) and this project's before PYRA moved into the block's reduction module
+# (``pyra.weight_r``, ``pyra.weight_d``, ``pyra.norm``). Same tensors, same shapes: they load exactly.
+_EARLIER_PYRA_KEYS = [
+    (re.compile(r"^(.*blocks\.\d+)\.(?:pyra_a|pyra\.weight_r)$"), r"\1.reduction.pyra.to_channel_weight"),
+    (re.compile(r"^(.*blocks\.\d+)\.(?:pyra_b|pyra\.weight_d)$"), r"\1.reduction.pyra.to_token_weight"),
+    (re.compile(r"^(.*blocks\.\d+)\.(?:pyra_norm|pyra\.norm)\.(weight|bias)$"), r"\1.reduction.pyra.norm.\2"),
+]
+
+
+def rename_earlier_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict with PYRA's earlier parameter names (official code, this project's older runs) renamed."""
+    return _renamed(state_dict, _EARLIER_PYRA_KEYS)
 
 
 def _adapt_pretrained(sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> dict[str, torch.Tensor]:
@@ -339,7 +353,7 @@ def _load_state_dict(model: nn.Module, path: str, kind: str) -> LoadReport:
     _check_finite(sd, path)
     official = any(marker in k for k in sd for marker in _OFFICIAL_MARKERS)
     if official:
-        sd = _rename_official(sd)
+        sd = _renamed(sd, _OFFICIAL_RENAMES)
     sd = rename_earlier_keys(sd)
     finetuned = own or official if kind == "auto" else kind == "finetuned"
     report = LoadReport(path, "pyra" if own else "official-pyra" if official else

@@ -12,7 +12,6 @@ three choices (``PYRAVariant``; formulas in models/README.md §2):
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -22,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["PYRA", "PYRAVariant", "Reactivation", "StaticReactivation", "GatedMLPReactivation", "build_pyra",
-           "parse_pyra", "rename_earlier_keys", "PYRA_WEIGHTS", "PYRA_ACTIVATIONS", "PYRA_GENERATORS",
+           "parse_pyra", "PYRA_WEIGHTS", "PYRA_ACTIVATIONS", "PYRA_GENERATORS",
            "GATED_MLP_HIDDEN"]
 
 PYRA_WEIGHTS = ("both", "channel", "token")
@@ -208,23 +207,3 @@ def build_pyra(variant: PYRAVariant | bool | Mapping, r: int, dim: int, layer: i
     if variant is None:
         raise ValueError("build_pyra needs a PYRA variant, got none (merging.pyra is false)")
     return _GENERATORS[variant.generator](r, dim, variant, layer=layer)
-
-
-# Earlier names of the paper's PYRA parameters -> this layout's: the official code's (``pyra_a`` = W_r,
-# ``pyra_b`` = W_D, ``pyra_norm``) and this project's before PYRA moved into the block's reduction module
-# (``pyra.weight_r``, ``pyra.weight_d``, ``pyra.norm``). Same tensors, same shapes: they load exactly.
-_EARLIER_KEYS = [
-    (re.compile(r"^(.*blocks\.\d+)\.(?:pyra_a|pyra\.weight_r)$"), r"\1.reduction.pyra.to_channel_weight"),
-    (re.compile(r"^(.*blocks\.\d+)\.(?:pyra_b|pyra\.weight_d)$"), r"\1.reduction.pyra.to_token_weight"),
-    (re.compile(r"^(.*blocks\.\d+)\.(?:pyra_norm|pyra\.norm)\.(weight|bias)$"), r"\1.reduction.pyra.norm.\2"),
-]
-
-
-def rename_earlier_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A state dict with PYRA's earlier parameter names (official code, this project's older runs) renamed."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _EARLIER_KEYS:
-            key = pattern.sub(repl, key)
-        out[key] = value
-    return out
