@@ -68,7 +68,10 @@ MERGING_LABELS: dict[str, str] = {
 # DiffRate: every layer after the first keeps a geometric share of the patches (196·ρ^l; ρ = 0.854 low, 0.676
 # high), two thirds of each layer's reduction merged and one third pruned, and the last layer keeps 4 (only the
 # class token is read after it); models/diffrate.md. A search (merging.options.search) replaces them.
+# ToFu: ToMe's own low / high schedules (same matching and clamp, so the same tokens per layer and FLOPs), blocks
+# 0-5 pruning and 6-11 merging with MLERP (models/README.md §10).
 _FPET = {"merging.pyra": False, "merging.options": {"refine_dim": 32, "refine_bits": 1, "refine_dropout": 0.1}}
+_TOFU = {"merging.pyra": False, "merging.options": {"merge_from": 6, "mlerp": True}}
 REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "diffrate": {
         "low": {"merging.method": "diffrate", "merging.options": {
@@ -80,6 +83,8 @@ REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "fpet": {"low": {"merging.method": "fpet", "merging.r": [0, 0, 0, 98, 0, 0, 49, 0, 0, 25, 0, 0], **_FPET},
              "high": {"merging.method": "fpet", "merging.r": [98, 0, 0, 49, 0, 0, 0, 25, 0, 0, 0, 0], **_FPET}},
+    "tofu": {"low": {"merging.method": "tofu", "merging.r": "low", **_TOFU},
+             "high": {"merging.method": "tofu", "merging.r": "high", **_TOFU}},
 }
 
 # The rows of the paper's ablation (ViT-B/16 + LoRA 8, high compression): plain ToMe, PYRA's partial forms
