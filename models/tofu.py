@@ -33,8 +33,9 @@ class ToFuOptions:
     """ToFu's own keys (``merging.options``).
 
     ``merge_from``: the first block (0-based) that merges; blocks before it prune. None: half the depth (block 6
-    of ViT-B/16), the prune-then-merge split of the paper's ViT/DeiT setting. ``mlerp``: merge layers use MLERP
-    (the paper); False uses ToMe's size-weighted average there (the paper's "prune + average" ablation row).
+    of ViT-B/16), the half-and-half split of the public re-implementation; the paper's own split could not be
+    confirmed (models/README.md §10). ``mlerp``: merge layers use MLERP (the paper); False uses ToMe's
+    size-weighted average there (prune + average, to isolate MLERP's effect).
     """
 
     merge_from: int | None = None
