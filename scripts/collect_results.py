@@ -32,11 +32,11 @@ trainable parameters), also written to ablation.md; e.g. on the nine folders of 
 
     python scripts/collect_results.py logs/vit_b16/ablation/* --ablation
 
-Every table has the experiment's **method** (:func:`method_label`, from each run's config.yaml ``merging``): ``none``
-(nothing reduced), ``tome``, ``pyra`` (PYRA on ToMe), another ``merging.method`` (``fpet``, ``diffrate``, ...; with
-``+pyra`` when PYRA rides on it). Runs without the key read as ToMe, or none when their ``merging.r`` is empty; official
-run folders by their ``token_merging`` / ``pyra``; runs without a merging section by the tokens per layer of their
-efficiency.json. The accuracy-vs-throughput plot gives each method a colour and a marker.
+The results tables and CSVs have each experiment's **method** (``lib.config.method_label`` of its runs' ``merging``):
+``none`` (nothing reduced), ``tome``, ``pyra`` (PYRA on ToMe), another ``merging.method`` (``fpet``, ``diffrate``, ...;
+``+pyra`` when PYRA rides on it). Runs without the key read as ToMe, or none when their ``merging.r`` is empty;
+official run folders by their ``token_merging`` / ``pyra``; runs without a merging section by the tokens per layer of
+their efficiency.json. The accuracy-vs-throughput plot gives each method a colour and a marker.
 
 ``--adverse COMPRESSED... --small SMALL`` writes the adverse-compression table instead (scripts/adverse.py).
 """
@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from data.vtab_splits import VTAB_GROUPS, VTAB_TASKS, canonical_task  # noqa: E402
+from lib.config import method_label  # noqa: E402
 
 __all__ = ["load_run", "find_runs", "summarize", "group_means", "group_stats", "seed_stats", "welch",
            "compare", "experiment_name", "render_markdown", "render_compare", "write_csv",
@@ -146,18 +147,6 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except Exception:  # a broken config must not stop the collection of results
         return None
-
-
-def method_label(merging: Any) -> str | None:
-    """The method of a config's ``merging`` section: ``none`` (ToMe with an empty ``r``, or any method with an
-    all-zero ``r`` list), ``tome``, ``pyra`` (PYRA on ToMe), ``<method>`` (``merging.method``; a method such as
-    DiffRate may take its counts from its options with ``r`` null), ``<method>+pyra``; None without a section."""
-    if not isinstance(merging, dict):
-        return None
-    r, pyra, method = merging.get("r"), merging.get("pyra"), merging.get("method") or "tome"
-    if (isinstance(r, list) and not any(r)) or (method == "tome" and not r):
-        return "none"
-    return "pyra" if pyra and method == "tome" else f"{method}+pyra" if pyra else method
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:

@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib.config import ConfigError, load_config  # noqa: E402
+from lib.config import ConfigError, load_config, method_label  # noqa: E402
 
 try:  # noqa: E402
     from data.vtab_splits import TASK_ALIASES, VTAB_GROUPS, canonical_task
@@ -167,7 +167,7 @@ def included_point(folder: str) -> Point:
         merging = cfg.get("merging") if isinstance(cfg, dict) else None
         if not isinstance(merging, dict):
             continue
-        r, label = merging.get("r"), cr.method_label(merging)
+        r, label = merging.get("r"), method_label(merging)
         experiment = str(Path(folder).resolve())
         if label == "none":
             return Point("uncompressed", "uncompressed", None, None, "", [], experiment=experiment, trained=False)
