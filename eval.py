@@ -5,7 +5,7 @@
     python eval.py --config configs/demo/digits.yaml --checkpoint logs/demo/digits/digits/seed0/best.pth --json
 
 The efficiency table has the configured reduction method (``method``: tome, pyra, fpet, diffrate, ...; as
-``lib.config.method_label`` names it) and the same backbone with none, each with LoRA folded and not: parameters,
+``models.backbones.method_label`` names it) and the same backbone with none, each with LoRA folded and not: parameters,
 fvcore GFLOPs, images/s at the chosen batch, device and precision (eager) and the speed-up over the unfolded
 backbone without reduction (``lib.benchmark.merged_speedup``: the two alternate, per LoRA variant). The accuracy
 pass runs as the config says: ``train.compile`` (e.g. ``train.compile=reduce-overhead`` as an override)
@@ -23,12 +23,13 @@ import torch
 
 from lib.benchmark import count_flops, measure_throughput, merged_speedup
 from lib.build import build_model
-from lib.config import ConfigError, config_to_dict, load_config, method_label
+from lib.config import ConfigError, config_to_dict, load_config
 from lib.data import DataError, build_dataset, task_num_classes
 from lib.distributed import DistInfo, select_device
 from lib.engine import apply_tf32, compile_model, evaluate
 from lib.loaders import build_eval_loader
 from models import CheckpointError, fold_lora, load_checkpoint, param_report, read_checkpoint, trainable_state_dict
+from models.backbones import method_label
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def reduction_method(cfg: Any, model: torch.nn.Module) -> str | None:
-    """The model's reduction method as results name it (``lib.config.method_label``), with the ``r`` it applies."""
+    """The model's method as results name it (``models.backbones.method_label``), with the ``r`` it applies."""
     return method_label({**config_to_dict(cfg.merging), "r": list(model.r)})
 
 

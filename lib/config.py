@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Config", "ModelConfig", "PeftConfig", "MergingConfig", "DataConfig", "OptimConfig", "SchedConfig",
            "TrainConfig", "ReportConfig", "LogConfig", "DEFAULTS", "ConfigError", "load_config",
-           "validate_config", "resolve_config", "save_config", "config_to_dict", "method_label"]
+           "validate_config", "resolve_config", "save_config", "config_to_dict"]
 
 
 # The sections: keys, types, defaults; ``bounded(default, low, ...)`` adds the range load_config enforces.
@@ -310,20 +310,6 @@ def resolve_config(cfg: Config, model: Any) -> Config:
     out.peft.dim = dims[0] if dims else cfg.peft.dim   # none / full: nothing has a width
     validate_config(out)
     return out
-
-
-def method_label(merging: Any) -> str | None:
-    """The reduction method a ``merging`` section names (a mapping, as in a run's config.yaml, or a MergingConfig),
-    as results show it: ``none`` (ToMe with an empty ``r``, or any method with an all-zero ``r`` list), ``tome``,
-    ``pyra`` (PYRA on ToMe), ``<method>`` (``merging.method``; DiffRate takes its counts from its options, so its
-    ``r`` may be null), ``<method>+pyra``; None for anything else (no section)."""
-    merging = config_to_dict(merging) if isinstance(merging, MergingConfig) else merging
-    if not isinstance(merging, Mapping):
-        return None
-    r, pyra, method = merging.get("r"), merging.get("pyra"), merging.get("method") or "tome"
-    if (isinstance(r, list) and not any(r)) or (method == "tome" and not r):
-        return "none"
-    return "pyra" if pyra and method == "tome" else f"{method}+pyra" if pyra else method
 
 
 def save_config(cfg: Config | Mapping, path: str | os.PathLike) -> None:

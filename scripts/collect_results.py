@@ -32,7 +32,7 @@ trainable parameters), also written to ablation.md; e.g. on the nine folders of 
 
     python scripts/collect_results.py logs/vit_b16/ablation/* --ablation
 
-The results tables and CSVs have each experiment's **method** (``lib.config.method_label`` of its runs' ``merging``):
+The tables and CSVs have each experiment's **method** (``models.backbones.method_label`` of its runs' ``merging``):
 ``none`` (nothing reduced), ``tome``, ``pyra`` (PYRA on ToMe), another ``merging.method`` (``fpet``, ``diffrate``, ...;
 ``+pyra`` when PYRA rides on it). Runs without the key read as ToMe, or none when their ``merging.r`` is empty;
 official run folders by their ``token_merging`` / ``pyra``; runs without a merging section by the tokens per layer of
@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from data.vtab_splits import VTAB_GROUPS, VTAB_TASKS, canonical_task  # noqa: E402
-from lib.config import method_label  # noqa: E402
+from models.backbones import method_label  # noqa: E402
 
 __all__ = ["load_run", "find_runs", "summarize", "group_means", "group_stats", "seed_stats", "welch",
            "compare", "experiment_name", "render_markdown", "render_compare", "write_csv",

@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib.config import ConfigError, load_config, method_label  # noqa: E402
+from lib.config import ConfigError, load_config  # noqa: E402
+from models.backbones import method_label  # noqa: E402
 
 try:  # noqa: E402
     from data.vtab_splits import TASK_ALIASES, VTAB_GROUPS, canonical_task
