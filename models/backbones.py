@@ -5,11 +5,12 @@ depths and the per-layer ``r`` lists of the paper's "low" and "high" settings.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["BackboneSpec", "BACKBONES", "SCHEDULES", "MERGING_SETTINGS", "MERGING_LABELS", "ABLATION_SETTINGS",
-           "ABLATION_LABELS", "REDUCTION_SETTINGS", "get_backbone", "named_schedule"]
+           "ABLATION_LABELS", "REDUCTION_SETTINGS", "get_backbone", "named_schedule", "method_label"]
 
 
 @dataclass(frozen=True)
@@ -159,3 +160,16 @@ def named_schedule(schedule: str, backbone: str, depth: int | None = None) -> li
         return list(SCHEDULES[family][schedule])
     except KeyError:
         raise ValueError(f"unknown merging schedule {schedule!r}; expected 'low' or 'high'") from None
+
+
+def method_label(merging: Any) -> str | None:
+    """The reduction method a ``merging`` section names (a mapping, as in a run's config.yaml), as results show
+    it: ``none`` (ToMe with an empty ``r``, or any method with an all-zero ``r`` list), ``tome``,
+    ``pyra`` (PYRA on ToMe), ``<method>`` (``merging.method``; DiffRate takes its counts from its options, so its
+    ``r`` may be null), ``<method>+pyra``; None for anything else (no section)."""
+    if not isinstance(merging, Mapping):
+        return None
+    r, pyra, method = merging.get("r"), merging.get("pyra"), merging.get("method") or "tome"
+    if (isinstance(r, list) and not any(r)) or (method == "tome" and not r):
+        return "none"
+    return "pyra" if pyra and method == "tome" else f"{method}+pyra" if pyra else method
