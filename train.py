@@ -3,7 +3,7 @@
 
     python train.py                                   # the CPU demo (configs/demo/digits.yaml)
     python train.py --config configs/vit_b16/lora_pyra_high.yaml data.task=cifar
-    torchrun --nproc_per_node 4 train.py --config ... --resume auto
+    python train.py --nproc-per-node 4 --config ... --resume auto   # 4 processes (torchrun's machinery)
 
 Outputs go to ``<output_dir>/<experiment>/<task>/seed<k>/``: log.txt (JSON per evaluated epoch), train.log,
 config.yaml, efficiency.json, last.pth, best.pth and, once finished, final.json.
@@ -47,6 +47,8 @@ from lib.distributed import (
     cleanup,
     init_distributed,
     is_main,
+    launch_env,
+    launch_workers,
     on_main,
     select_device,
 )
@@ -79,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although the config differs from the run's in result-changing keys; the change "
                         "and the epoch it took effect are recorded in train.log and config.yaml")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="start N processes on this node (one per GPU, or CPU processes with train.device=cpu); the "
+                        "config is checked once before they start, and a failure ends with its own exit code")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=10")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
@@ -543,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, args.overrides)
         if args.config is None:
             ensure_demo_data(cfg)
+        if args.nproc_per_node != 1:
+            return launch(args, cfg)
         result = train(cfg, args.resume, args.overwrite, args.allow_config_change)
         if result.get("interrupted"):
             return 128 + result["signal"]  # 130 for Ctrl-C, 143 for SIGTERM: scripts can tell stopped from done
@@ -573,6 +580,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_SPACE
     finally:
         cleanup()
+
+
+def launch(args: argparse.Namespace, cfg: Any) -> int:
+    """``--nproc-per-node N``: what every process would refuse is refused here, once, before any starts."""
+    n = args.nproc_per_node
+    if n < 1:
+        raise ConfigError(f"--nproc-per-node must be a positive integer, got {n}")
+    if launch_env(os.environ):
+        raise ConfigError("--nproc-per-node starts processes itself; under torchrun or srun leave it out")
+    if cfg.train.batch_size % n:
+        raise ConfigError(f"--nproc-per-node {n} does not divide train.batch_size={cfg.train.batch_size} (the global "
+                          f"batch; each of the {n} processes takes batch / {n})")
+    rest = ["--config", args.config] if args.config else []          # the same run, less this flag
+    rest += ["--resume", args.resume] if args.resume else []
+    rest += ["--overwrite"] * args.overwrite + ["--allow-config-change"] * args.allow_config_change
+    return launch_workers(n, str(Path(__file__).resolve()), rest + list(args.overrides))
 
 
 def _error(text: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,8 +18,8 @@ import torch.distributed as dist
 
 from lib.config import ConfigError
 
-__all__ = ["DistInfo", "launch_env", "first_host", "slurm_port", "init_distributed", "is_main", "all_reduce_sum",
-           "all_gather_objects", "cleanup", "select_device", "local_cuda_index", "on_main"]
+__all__ = ["DistInfo", "launch_workers", "launch_env", "first_host", "slurm_port", "init_distributed", "is_main",
+           "all_reduce_sum", "all_gather_objects", "cleanup", "select_device", "local_cuda_index", "on_main"]
 
 T = TypeVar("T")
 
@@ -33,6 +34,30 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def launch_workers(nproc: int, script: str, argv: list[str]) -> int:
+    """Run ``python script *argv`` as ``nproc`` processes on this node (torchrun's machinery, its public
+    ``elastic_launch``) and return the exit code of the first process that failed (0 when all succeeded).
+
+    torchrun itself ends a failed run with a traceback of its own and exit 1; here the processes' own error
+    line (printed once, by rank 0) and their documented exit code are what the caller sees.
+    """
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes report
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)(script, *argv)
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code or 1   # killed by signal N: 128 + N, as a shell reports it
+    return 0
 
 
 def first_host(nodelist: str) -> str:

@@ -248,16 +248,18 @@ def exit_codes(proc: subprocess.CompletedProcess) -> list[int]:
 
 
 def test_refusal_on_rank_0_ends_both_ranks(digits_root, tmp_path):
+    """Through ``train.py --nproc-per-node 2`` (torchrun's machinery): the refusal's own exit code and line."""
     run_folder(tmp_path).mkdir(parents=True)
     (run_folder(tmp_path) / "final.json").write_text('{"finished": true}')
     start = time.monotonic()
-    proc = torchrun(REPO / "train.py", args(digits_root, tmp_path, "train.epochs=1"), timeout=60)
-    assert time.monotonic() - start < 60
-    lines = error_lines(proc)
-    # every rank ends (torchrun returned within the minute) with the refusal's code; the line is printed once
-    codes = exit_codes(proc)
-    assert codes and set(codes) == {3} and len(lines) == 1, proc.stdout + proc.stderr
-    assert "holds a finished run" in lines[0]
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--nproc-per-node", "2",
+                           *args(digits_root, tmp_path, "train.epochs=1")],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 60                       # every rank ended within the minute
+    assert proc.returncode == 3, proc.stdout + proc.stderr      # the refusal's code, not a launcher's 1
+    assert proc.stdout == "" and proc.stderr.splitlines() == [
+        f"error: {run_folder(tmp_path)} holds a finished run ({run_folder(tmp_path) / 'final.json'}); "
+        f"pass --overwrite to train it again"]                  # once, and nothing else: no launcher report
 
 
 def test_non_finite_loss_on_rank_1_only_ends_both(digits_root, tmp_path, wrapper):

@@ -492,6 +492,19 @@ def test_vtab_scripts_check_nproc_against_the_batch_before_launching(script, tmp
                                    f"of the 3 processes takes batch / 3): choose NPROC among the divisors of 32")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.inf", "optim.lr: must be a finite number >= 0, got inf"),
+    ("train.batch_size=30", "--nproc-per-node 4 does not divide train.batch_size=30 (the global batch; each of the 4 "
+                            "processes takes batch / 4)"),
+])
+def test_nproc_per_node_refuses_a_bad_config_once_before_any_process_starts(override, message, tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--nproc-per-node", "4", "--config",
+                           "configs/demo/digits_random.yaml", override, f"output_dir={tmp_path / 'logs'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {message}\n")
+    assert not (tmp_path / "logs").exists()
+
+
 def test_under_torchrun_a_config_error_is_printed_once_and_the_process_exits_2(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
