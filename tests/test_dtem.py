@@ -271,7 +271,12 @@ def test_generated_configs_cost_what_tome_costs(explicit_attention):
         plain = {k: v for k, v in to_dict(cfg).items() if k not in ("experiment", "config_path")}
         low = {k: v for k, v in to_dict(cfgs["low"]).items() if k not in ("experiment", "config_path")}
         assert plain == {**low, "merging": {**low["merging"], "r": level}}
-    model = build_model(cfgs["low"], num_classes=100, pretrained=False)
+    with torch.device("meta"):                       # counts depend on shapes only: skip the random init
+        model = build_model(cfgs["low"], num_classes=100, pretrained=False)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
     assert model.blocks[0].reduction.embed_dim == 64
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -316,8 +321,7 @@ def test_demo_pipeline_trains_one_epoch_with_dtem_from_yaml(digits_root, tmp_pat
     run = tmp_path / "t" / "digits" / "seed0"
     efficiency = json.loads((run / "efficiency.json").read_text())
     assert efficiency["tokens_per_layer"] == [17, 13, 11]
-    assert efficiency["parameters"]["reduction"] == {"total": 2 * (32 * 8 + 8), "trainable": 2 * (32 * 8 + 8)} or \
-        efficiency["parameters"]["reduction"]
+    assert efficiency["parameters"]["reduction"] == {"total": 2 * (32 * 8 + 8), "trainable": 2 * (32 * 8 + 8)}
     saved = load_config(run / "config.yaml")
     assert saved.merging.method == "dtem" and saved.merging.r == [4, 2] and saved.merging.options["embed_dim"] == 8
     rows = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
