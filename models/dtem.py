@@ -174,15 +174,17 @@ class DTEM(TokenReduction):
         xa, xb = x[:, p:n:2], x[:, p + 1:n:2]
         wa, wb = w[:, p:n:2], w[:, p + 1:n:2]
         o = self.options
-        with _fp32(x.device):
+        with _fp32(x.device):    # the sizes too: bf16 would round a size of 100 to a multiple of 0.5
             scores = metric[:, p:n:2] @ metric[:, p + 1:n:2].transpose(-1, -2)
             assign = soft_top_r(scores, r, o.top_k, o.tau1, o.tau2)
-        assign = assign.to(x.dtype)
-        xb = wb[..., None] * xb + assign.transpose(-1, -2) @ (wa[..., None] * xa)
-        wb = wb + (assign.transpose(-1, -2) @ wa[..., None].to(assign.dtype))[..., 0].to(wb.dtype)
-        left = 1 - assign.sum(dim=-1).to(wa.dtype)          # what each source keeps; clipped to [0, 1] forward only
-        wa = wa * (left + (left.clamp(0.0, 1.0) - left).detach())
-        xb = xb / wb[..., None]
+            wa, wb = wa.float(), wb.float()
+            xb = wb[..., None].to(xb.dtype) * xb
+            wb = wb + (assign.transpose(-1, -2) @ wa[..., None])[..., 0]
+            left = 1 - assign.sum(dim=-1)                   # what each source keeps; clipped to [0, 1] forward only
+            wa_new = wa * (left + (left.clamp(0.0, 1.0) - left).detach())
+        xb = xb + assign.to(x.dtype).transpose(-1, -2) @ (wa[..., None].to(xa.dtype) * xa)   # autocast dtype
+        wa = wa_new
+        xb = xb / wb[..., None].to(xb.dtype)
         w_new, x_new = torch.cat([wa, wb], dim=-1), torch.cat([xa, xb], dim=1)
         order = w_new.argsort(dim=-1, descending=True)      # merged-away tokens (size ~0) go last
         w_new = w_new.gather(dim=-1, index=order)
