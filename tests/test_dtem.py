@@ -96,6 +96,21 @@ def test_training_relaxation_matches_the_official_code_with_gradients(case):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * theirs.abs().max().item())
 
 
+def test_exact_zero_sizes_reach_attention_without_nan():
+    """The official relaxation leaves some merged-away sizes at exactly 0. log(0) in proportional attention would make
+    their gradient NaN; the forward-only floor (1e-12) keeps every gradient finite and the size gradient unchanged."""
+    g = load_golden("step_train")["all"]
+    assert (g["size_out"] == 0).any()
+    layer = golden_layer(g).train()
+    size_in = g["size"][..., None].clone().requires_grad_(True)
+    x, size, _ = layer(g["x"], size_in, None, features=g["features"])
+    attn = tiny([0, 0, 0], embed_dim=12, num_heads=2).blocks[0].attn
+    for sizes, finite in ((size, True), (size - size.detach() + torch.where(size < 1e-11, 0.0, size.detach()), False)):
+        size_in.grad = None
+        attn(x, sizes)[0].sum().backward(inputs=[size_in], retain_graph=True)
+        assert bool(size_in.grad.isfinite().all()) is finite
+
+
 def official_vit_here():
     g = load_golden("vit")
     s = g["spec"]
@@ -322,6 +337,9 @@ def test_demo_pipeline_trains_one_epoch_with_dtem_from_yaml(digits_root, tmp_pat
     efficiency = json.loads((run / "efficiency.json").read_text())
     assert efficiency["tokens_per_layer"] == [17, 13, 11]
     assert efficiency["parameters"]["reduction"] == {"total": 2 * (32 * 8 + 8), "trainable": 2 * (32 * 8 + 8)}
+    saved_keys = torch.load(run / "last.pth", weights_only=True)["model"]
+    assert {k for k in saved_keys if ".reduction." in k} == {f"blocks.{i}.reduction.embed.{w}" for i in (0, 1)
+                                                             for w in ("weight", "bias")}   # the embedding is saved
     saved = load_config(run / "config.yaml")
     assert saved.merging.method == "dtem" and saved.merging.r == [4, 2] and saved.merging.options["embed_dim"] == 8
     rows = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
