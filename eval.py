@@ -4,8 +4,10 @@
     python eval.py --config configs/vit_b16/lora_pyra_high.yaml --checkpoint logs/.../best.pth data.task=cifar
     python eval.py --config configs/demo/digits.yaml --checkpoint logs/demo/digits/digits/seed0/best.pth --json
 
-The efficiency table has the configured merging and no merging, each with LoRA folded and not:
-parameters, fvcore GFLOPs and images/s at the chosen batch, device and precision (eager). The accuracy
+The efficiency table has the configured reduction method (``method``: tome, pyra, fpet, diffrate, ...; as
+``models.backbones.method_label`` names it) and the same backbone with none, each with LoRA folded and not: parameters,
+fvcore GFLOPs, images/s at the chosen batch, device and precision (eager) and the speed-up over the unfolded
+backbone without reduction (``lib.benchmark.merged_speedup``: the two alternate, per LoRA variant). The accuracy
 pass runs as the config says: ``train.compile`` (e.g. ``train.compile=reduce-overhead`` as an override)
 and ``train.tf32``.
 """
@@ -21,12 +23,13 @@ import torch
 
 from lib.benchmark import count_flops, measure_throughput, merged_speedup
 from lib.build import build_model
-from lib.config import ConfigError, load_config
+from lib.config import ConfigError, config_to_dict, load_config
 from lib.data import DataError, build_dataset, task_num_classes
 from lib.distributed import DistInfo, select_device
 from lib.engine import apply_tf32, compile_model, evaluate
 from lib.loaders import build_eval_loader
 from models import CheckpointError, fold_lora, load_checkpoint, param_report, read_checkpoint, trainable_state_dict
+from models.backbones import method_label
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,11 +49,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
+def reduction_method(cfg: Any, model: torch.nn.Module) -> str | None:
+    """The model's method as results name it (``models.backbones.method_label``), with the ``r`` it applies."""
+    return method_label({**config_to_dict(cfg.merging), "r": list(model.r)})
+
+
 def efficiency_table(model: torch.nn.Module, cfg: Any, device: torch.device, batch: int, precision: str,
                      rounds: int) -> list[dict[str, Any]]:
     """Configured merging vs none, LoRA folded vs not (``lib.benchmark.merged_speedup`` per LoRA variant)."""
     rows = []
     base = None
+    method = reduction_method(cfg, model)
     for lora, m in (("unfolded", model), ("folded", fold_lora(copy.deepcopy(model)))):
         schedule = m.r
         speed = merged_speedup(m, batch, cfg.model.img_size, device, precision, rounds=rounds)
@@ -60,7 +69,8 @@ def efficiency_table(model: torch.nn.Module, cfg: Any, device: torch.device, bat
                      m, batch, cfg.model.img_size, device, precision, runs=rounds)["images_per_s"])])
         for name, r, images_per_s in rates:
             m.r = r
-            rows.append({"setting": name, "lora": lora, "r": list(m.r), "parameters": param_report(m)["total"][0],
+            rows.append({"setting": name, "method": "none" if name == "no merging" else method, "lora": lora,
+                         "r": list(m.r), "parameters": param_report(m)["total"][0],
                          "gflops": count_flops(m, cfg.model.img_size) / 2 ** 30, "images_per_s": images_per_s,
                          "batch_size": batch, "device": str(device), "precision": precision,
                          "spread": speed["spread"] if speed else None})
@@ -85,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             num_classes = eval_set.num_classes
         model = build_model(cfg, num_classes).to(device)
         result: dict[str, Any] = {"config": args.config, "checkpoint": args.checkpoint, "task": cfg.data.task,
+                                  "method": reduction_method(cfg, model),
                                   "compile": cfg.train.compile, "tf32": {"enabled": cfg.train.tf32, **tf32}}
         if args.checkpoint:
             report = load_checkpoint(model, args.checkpoint, kind="finetuned")
@@ -117,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     if "test_acc1" in result:
         print(f"{cfg.data.task}: top-1 {result['test_acc1']:.2f}%  top-5 {result['test_acc5']:.2f}%  "
               f"({result['test_count']} images)")
-    print(f"{'setting':<12} {'LoRA':<9} {'params':>12} {'GFLOPs':>8} {'img/s':>10} {'speed-up':>8}")
+    print(f"{'setting':<12} {'method':<10} {'LoRA':<9} {'params':>12} {'GFLOPs':>8} {'img/s':>10} {'speed-up':>8}")
     for row in result["efficiency"]:
-        print(f"{row['setting']:<12} {row['lora']:<9} {row['parameters']:>12,} {row['gflops']:>8.3f} "
-              f"{row['images_per_s']:>10.1f} {row['speedup']:>7.2f}x")
+        print(f"{row['setting']:<12} {row.get('method') or '':<10} {row['lora']:<9} {row['parameters']:>12,} "
+              f"{row['gflops']:>8.3f} {row['images_per_s']:>10.1f} {row['speedup']:>7.2f}x")
     print(f"(batch {args.batch_size}, {result['efficiency'][0]['device']}, {precision})")
     if args.json == "-":
         print(json.dumps(result, indent=2))

@@ -5,11 +5,12 @@ depths and the per-layer ``r`` lists of the paper's "low" and "high" settings.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["BackboneSpec", "BACKBONES", "SCHEDULES", "MERGING_SETTINGS", "MERGING_LABELS", "ABLATION_SETTINGS",
-           "ABLATION_LABELS", "REDUCTION_SETTINGS", "get_backbone", "named_schedule"]
+           "ABLATION_LABELS", "REDUCTION_SETTINGS", "get_backbone", "named_schedule", "method_label"]
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,13 @@ MERGING_LABELS: dict[str, str] = {
 # DiffRate: every layer after the first keeps a geometric share of the patches (196·ρ^l; ρ = 0.854 low, 0.676
 # high), two thirds of each layer's reduction merged and one third pruned, and the last layer keeps 4 (only the
 # class token is read after it); models/diffrate.md. A search (merging.options.search) replaces them.
+# ToFu: ToMe's own low / high schedules (same matching and clamp, so the same tokens per layer and FLOPs), blocks
+# 0-5 pruning and 6-11 merging with MLERP (models/README.md §10).
 # DTEM merges as ToMe does in evaluation, with ToMe's schedules; only its embedding (768 -> 64 per merging layer) adds
 # multiply-adds: fvcore, explicit attention: low 8.880 G = ToMe low +0.7 %; high 5.138 G = ToMe high +0.8 %.
 _DTEM = {"merging.pyra": False, "merging.options": {"embed_dim": None, "top_k": 3, "tau1": 0.1, "tau2": 0.1}}
 _FPET = {"merging.pyra": False, "merging.options": {"refine_dim": 32, "refine_bits": 1, "refine_dropout": 0.1}}
+_TOFU = {"merging.pyra": False, "merging.options": {"merge_from": 6, "mlerp": True}}
 REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "diffrate": {
         "low": {"merging.method": "diffrate", "merging.options": {
@@ -85,6 +89,8 @@ REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
              "high": {"merging.method": "dtem", "merging.r": "high", **_DTEM}},
     "fpet": {"low": {"merging.method": "fpet", "merging.r": [0, 0, 0, 98, 0, 0, 49, 0, 0, 25, 0, 0], **_FPET},
              "high": {"merging.method": "fpet", "merging.r": [98, 0, 0, 49, 0, 0, 0, 25, 0, 0, 0, 0], **_FPET}},
+    "tofu": {"low": {"merging.method": "tofu", "merging.r": "low", **_TOFU},
+             "high": {"merging.method": "tofu", "merging.r": "high", **_TOFU}},
 }
 
 # The rows of the paper's ablation (ViT-B/16 + LoRA 8, high compression): plain ToMe, PYRA's partial forms
@@ -159,3 +165,16 @@ def named_schedule(schedule: str, backbone: str, depth: int | None = None) -> li
         return list(SCHEDULES[family][schedule])
     except KeyError:
         raise ValueError(f"unknown merging schedule {schedule!r}; expected 'low' or 'high'") from None
+
+
+def method_label(merging: Any) -> str | None:
+    """The reduction method a ``merging`` section names (a mapping, as in a run's config.yaml), as results show
+    it: ``none`` (ToMe with an empty ``r``, or any method with an all-zero ``r`` list), ``tome``,
+    ``pyra`` (PYRA on ToMe), ``<method>`` (``merging.method``; DiffRate takes its counts from its options, so its
+    ``r`` may be null), ``<method>+pyra``; None for anything else (no section)."""
+    if not isinstance(merging, Mapping):
+        return None
+    r, pyra, method = merging.get("r"), merging.get("pyra"), merging.get("method") or "tome"
+    if (isinstance(r, list) and not any(r)) or (method == "tome" and not r):
+        return "none"
+    return "pyra" if pyra and method == "tome" else f"{method}+pyra" if pyra else method

@@ -15,7 +15,10 @@ used) or a :func:`register_reduction` call (a plugin, a test). The block knows n
 - parameters a method learns belong to the method's module, whose ``param_category`` decides that they
   train (``models.peft.param_categories``), whatever they are called;
 - ``context`` names what the method must know of the model when it is built (``MODEL_CONTEXT``: the patch
-  grid, for a split by image position; the head width, the width of the ``metric``).
+  grid, for a split by image position; the head width, the width of the ``metric``; the depth, for a step that
+  depends on where the layer sits);
+- ``prunes`` marks a layer that drops the tokens it removes instead of merging them: PYRA, which re-activates
+  merged sources, skips it.
 
 A method that learns its own per-layer counts (DiffRate) also acts on the whole model, through three class
 methods that receive its layers in order (no-ops by default): ``setup`` once the model is built (it may size
@@ -41,8 +44,9 @@ DEFAULT_METHOD = "tome"
 # What MergingAttention can hand to a method, besides the tokens themselves.
 ATTENTION_OUTPUTS = ("metric", "cls_attn", "features")
 # What the model can tell a method when it is built (keyword arguments of its __init__, if it declares them in
-# ``context``): "grid", the (rows, cols) of the patch grid; "head_dim", the width of one attention head.
-MODEL_CONTEXT = ("grid", "head_dim")
+# ``context``): "grid", the (rows, cols) of the patch grid; "head_dim", the width of one attention head; "depth",
+# the number of blocks (for a method whose step depends on where the layer sits, ToFu).
+MODEL_CONTEXT = ("grid", "head_dim", "depth")
 
 Tokens = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]   # (x, size, source)
 
@@ -67,6 +71,7 @@ class TokenReduction(nn.Module):
     Options: ClassVar[type] = NoOptions
     param_category: ClassVar[str] = "reduction"   # any parameter of a method trains, under this name
     trains_alone: bool = False                     # a search phase: only the method's parameters train
+    prunes: bool = False                           # the layer drops what it removes: PYRA has nothing to re-activate
 
     def __init__(self, r: int, protected: int = 1, dim: int = 0, layer: int | None = None,
                  options: Any = None) -> None:
@@ -120,6 +125,7 @@ REDUCTION_METHODS: dict[str, str | type[TokenReduction]] = {
     "fpet": "models.fpet:FPET",
     "diffrate": "models.diffrate:DiffRate",
     "dtem": "models.dtem:DTEM",
+    "tofu": "models.tofu:ToFu",
 }
 
 

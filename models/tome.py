@@ -58,7 +58,8 @@ def bipartite_soft_matching(
     score, those in B are never picked, so they take no part in the matching, and they keep their
     positions. The other tokens keep ToMe's split by absolute position (even → A, odd → B). ``r``
     is clamped to half the unprotected tokens; at 0 both closures are the identity. Output order:
-    ``[unmerged A, B]``, or ``[protected, rest of A, rest of B]``.
+    ``[unmerged A, B]``, or ``[protected, rest of A, rest of B]``. ``merge``'s ``mode`` is a
+    ``scatter_reduce`` reduction, or ``"prune"``: the sources are dropped and B keeps its values.
     """
     if distill_token and not class_token:
         raise ValueError("a distillation token follows the class token: distill_token needs class_token")
@@ -91,10 +92,11 @@ def bipartite_soft_matching(
         src, dst = x[..., ::2, :], x[..., 1::2, :]
         n, t1, c = src.shape
         unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        if pyra is not None:
-            src = pyra(src, dst.gather(dim=-2, index=dst_idx.expand(n, r, c)))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if mode != "prune":   # "prune" (ToFu's pruning layers): the sources are dropped, destinations unchanged
+            src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+            if pyra is not None:
+                src = pyra(src, dst.gather(dim=-2, index=dst_idx.expand(n, r, c)))
+            dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
         if protected > 1:  # protected tokens lead unm and dst, untouched: put them back in their order
             return torch.cat([x[..., :protected, :], unm[..., protected_a:, :], dst[..., protected_b:, :]], dim=1)
         return torch.cat([unm, dst], dim=1)

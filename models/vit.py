@@ -218,7 +218,7 @@ class TokenMergingMixin:
         schedule = parse_r(len(self.blocks), value)
         has_pyra = any_pyra(self)
         for i, (block, r) in enumerate(zip(self.blocks, schedule)):
-            if has_pyra and r > 0 and _pyra_of(block) is None:
+            if has_pyra and r > 0 and _pyra_of(block) is None and not block.reduction.prunes:
                 raise ValueError(f"layer {i} would merge {r} tokens but has no PYRA module; "
                                  f"rebuild the model with this merging schedule")
         for block, r in zip(self.blocks, schedule):
@@ -459,7 +459,8 @@ def set_reduction(model: VisionTransformer, method: str = DEFAULT_METHOD, option
     """
     options = check_options(method, options) if options is None or isinstance(options, Mapping) else options
     device = model.blocks[0].norm1.weight.device
-    context = {"grid": tuple(model.patch_embed.grid_size), "head_dim": model.blocks[0].attn.head_dim}
+    context = {"grid": tuple(model.patch_embed.grid_size), "head_dim": model.blocks[0].attn.head_dim,
+               "depth": len(model.blocks)}
     for i, block in enumerate(model.blocks):
         block.reduction = build_reduction(method, block.r, block.protected, model.embed_dim, layer=i,
                                           options=options, context=context).to(device)
@@ -472,9 +473,11 @@ def add_pyra(model: VisionTransformer, variant: PYRAVariant | bool | Mapping = T
         return
     if not any(model.r):
         raise ValueError("PYRA re-activates merged tokens: it needs a merging schedule (merging is None or 0)")
-    for i, block in enumerate(model.blocks):
-        if block.r <= 0:
-            continue
+    merging = [i for i, block in enumerate(model.blocks) if block.r > 0 and not block.reduction.prunes]
+    if not merging:   # a pruning layer drops its sources: nothing to re-activate
+        raise ValueError("merging.pyra: every layer of the schedule prunes; PYRA re-activates merged tokens only")
+    for i in merging:
+        block = model.blocks[i]
         if "pyra" not in block.reduction._modules:
             raise ValueError(f"merging.pyra: method {type(block.reduction).__name__} does not merge through a "
                              f"re-activation; PYRA composes with token merging (merging.method: tome)")

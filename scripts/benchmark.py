@@ -4,13 +4,13 @@
 Usage::
 
     python scripts/benchmark.py [--config configs/vit_b16/lora_none.yaml] [key=value ...]
-        [--settings none tome_low tome_high pyra_low pyra_high] [--batch-sizes 1 8 64 256]
+        [--settings none tome_low tome_high pyra_low pyra_high fpet_high diffrate_low ...] [--batch-sizes 1 8 64 256]
         [--device cpu|cuda] [--precision fp32|bf16|fp16] [--threads N] [--rounds 3] [--runs 3]
         [--fold both|no|yes] [--compile off on frozen | both] [--attention mask feature]
         [--no-train] [--no-e2e] [--workers N] [--json PATH] [--plot PATH]
 
-Every model comes from ``lib.build.build_model`` (the config plus the overrides, each setting being the
-``merging.r`` / ``merging.pyra`` overrides of a row of ``models.backbones.MERGING_SETTINGS``), with the
+Every model comes from ``lib.build.build_model`` (the config plus the overrides, each setting being the merging
+overrides of a row of ``models.backbones.MERGING_SETTINGS`` or a ``<method>_<level>`` of REDUCTION_SETTINGS), with the
 seed's random weights unless ``--pretrained``. Variants: LoRA as is and folded (``--fold``), eager and
 ``torch.compile`` (``frozen``: inductor's freezing, inference only), and the two forms of proportional
 attention (``--attention``, ``models.vit.set_size_bias``).
@@ -63,11 +63,13 @@ from lib.distributed import DistInfo  # noqa: E402
 from lib.engine import PRECISIONS, autocast_ctx  # noqa: E402
 from lib.loaders import build_eval_loader  # noqa: E402
 from models import fold_lora  # noqa: E402
-from models.backbones import MERGING_SETTINGS  # noqa: E402
+from models.backbones import MERGING_SETTINGS, REDUCTION_SETTINGS  # noqa: E402
 from models.vit import set_size_bias  # noqa: E402
 
 REFERENCE = "none"   # every ratio is taken against this setting's eager, unfolded run of the same round
 DEFAULT_CONFIG = "configs/vit_b16/lora_none.yaml"
+SETTINGS = {**MERGING_SETTINGS, **{f"{method}_{level}": overrides for method, levels in REDUCTION_SETTINGS.items()
+                                   for level, overrides in levels.items()}}   # e.g. fpet_high, diffrate_low
 E2E_TASK = "benchmark_images"
 DISTURBED = 0.10     # relative spread of the per-round medians above which a row is flagged
 ROW_FIELDS: dict[str, tuple] = {   # field -> JSON type(s) of every row (None: null allowed)
@@ -267,8 +269,8 @@ class Variant:
 
 
 def setting_overrides(setting: str) -> list[str]:
-    """The config overrides of one row of ``models.backbones.MERGING_SETTINGS``."""
-    return [f"{key}={json.dumps(value)}" for key, value in MERGING_SETTINGS[setting].items()]
+    """The config overrides of one setting (str values as they are: ``merging.method`` takes the raw text)."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in SETTINGS[setting].items()]
 
 
 def load_setting_config(args: argparse.Namespace, setting: str) -> Any:
@@ -282,18 +284,18 @@ def build(args: argparse.Namespace, setting: str, device: torch.device) -> nn.Mo
 
 
 def _settings(requested: Sequence[str] | None) -> list[str]:
-    """The requested settings in MERGING_SETTINGS' order, always with the reference."""
+    """The requested settings in SETTINGS' order (default: MERGING_SETTINGS'), always with the reference."""
     wanted = set(requested or MERGING_SETTINGS)
-    unknown = wanted - set(MERGING_SETTINGS)
+    unknown = wanted - set(SETTINGS)
     if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {list(MERGING_SETTINGS)}")
-    return [s for s in MERGING_SETTINGS if s in wanted | {REFERENCE}]
+        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {list(SETTINGS)}")
+    return [s for s in SETTINGS if s in wanted | {REFERENCE}]
 
 
 def _variants(args: argparse.Namespace, settings: Sequence[str], has_lora: bool) -> list[Variant]:
     folds = {"no": [False], "yes": [True], "both": [False, True]}[args.fold] if has_lora else [False]
     modes = {"off": (False, False), "on": (True, False), "frozen": (True, True)}
-    out = [Variant(s, folded, modes[c][0], None if MERGING_SETTINGS[s]["merging.r"] is None else attention, modes[c][1])
+    out = [Variant(s, folded, modes[c][0], None if s == REFERENCE else attention, modes[c][1])
            for s in settings for attention in args.attention for folded in folds for c in args.compile]
     out = list(dict.fromkeys(out))   # "none" has one attention form
     return out if Variant(REFERENCE) in out else [Variant(REFERENCE), *out]
@@ -550,7 +552,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = p.add_argument
     add("overrides", nargs="*", metavar="key=value", help="config overrides, anywhere on the command line")
     add("--config", default=DEFAULT_CONFIG, help="the config every setting starts from")
-    add("--settings", nargs="+", help=f"subset of {list(MERGING_SETTINGS)} (the reference is always added)")
+    add("--settings", nargs="+", help=f"subset of {list(SETTINGS)} (default: {list(MERGING_SETTINGS)}; "
+        "the reference is always added)")
     add("--num-classes", type=int, default=100)
     add("--pretrained", action="store_true", help="load model.pretrained (default: random weights)")
     add("--device", default="cpu", choices=["cpu", "cuda"])

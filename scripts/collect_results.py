@@ -32,6 +32,12 @@ trainable parameters), also written to ablation.md; e.g. on the nine folders of 
 
     python scripts/collect_results.py logs/vit_b16/ablation/* --ablation
 
+The tables and CSVs have each experiment's **method** (``models.backbones.method_label`` of its runs' ``merging``):
+``none`` (nothing reduced), ``tome``, ``pyra`` (PYRA on ToMe), another ``merging.method`` (``fpet``, ``diffrate``, ...;
+``+pyra`` when PYRA rides on it). Runs without the key read as ToMe, or none when their ``merging.r`` is empty;
+official run folders by their ``token_merging`` / ``pyra``; runs without a merging section by the tokens per layer of
+their efficiency.json. The accuracy-vs-throughput plot gives each method a colour and a marker.
+
 ``--adverse COMPRESSED... --small SMALL`` writes the adverse-compression table instead (scripts/adverse.py).
 """
 from __future__ import annotations
@@ -53,11 +59,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from data.vtab_splits import VTAB_GROUPS, VTAB_TASKS, canonical_task  # noqa: E402
+from models.backbones import method_label  # noqa: E402
 
 __all__ = ["load_run", "find_runs", "summarize", "group_means", "group_stats", "seed_stats", "welch",
            "compare", "experiment_name", "render_markdown", "render_compare", "write_csv",
            "plot_curves", "plot_accuracy_vs_throughput", "collect", "main", "GROUP_KEYS", "TASK_ORDER",
-           "SHORT_NAMES", "METRICS", "ALPHA", "write_compare_csv"]
+           "SHORT_NAMES", "METRICS", "ALPHA", "write_compare_csv", "method_label"]
 
 TASK_ORDER: list[str] = [t for group in VTAB_GROUPS.values() for t in group]
 GROUP_KEYS: list[str] = list(VTAB_GROUPS) + ["Average", "All"]
@@ -144,14 +151,16 @@ def _read_yaml(path: Path) -> Any:
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
     """What the run's config.yaml says: ``kind`` ("pyra": this project's nested config, "official": the
-    PYRA/NOAH argparse dump, None: no config), ``epochs``, ``seed``, ``task``, ``experiment``."""
+    PYRA/NOAH argparse dump, None: no config), ``epochs``, ``seed``, ``task``, ``experiment``, ``method``."""
     cfg = _read_yaml(run_dir / "config.yaml")
-    out: dict[str, Any] = {"kind": None, "epochs": None, "seed": None, "task": None, "experiment": None}
+    out: dict[str, Any] = {"kind": None, "epochs": None, "seed": None, "task": None, "experiment": None,
+                           "method": None}
     if not isinstance(cfg, dict):
         return out
     out["seed"] = _int(cfg.get("seed"))
     if isinstance(cfg.get("train"), dict):
         out["kind"] = "pyra"
+        out["method"] = method_label(cfg.get("merging"))
         out["epochs"] = _int(cfg["train"].get("epochs"))
         data = cfg.get("data")
         if isinstance(data, dict) and isinstance(data.get("task"), str) and data["task"]:
@@ -161,6 +170,7 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     elif "epochs" in cfg or "data_set" in cfg:
         out["kind"] = "official"
         out["epochs"] = _int(cfg.get("epochs"))
+        out["method"] = ("pyra" if cfg.get("pyra") else "tome") if cfg.get("token_merging") else "none"
         if isinstance(cfg.get("data_set"), str) and cfg["data_set"]:
             out["task"] = cfg["data_set"]
     return out
@@ -232,12 +242,17 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     gflops = _number(eff.get("gflops"))
     if gflops is None and _number(eff.get("flops")) is not None:
         gflops = eff["flops"] / 2 ** 30
+    tokens = eff.get("tokens_per_layer")
+    method = cfg["method"]
+    if method is None and isinstance(tokens, list) and tokens:   # no merging section: what the tokens did
+        method = "tome" if tokens[-1] != tokens[0] else "none"
     return {
         "task": _run_task(run_dir, cfg),
         "seed": seed,
         "dir": str(run_dir),
         "kind": cfg["kind"] or ("pyra" if eff or final else None),
         "experiment": cfg["experiment"],
+        "method": method,
         "status": status,
         "records": records,
         "curve": curve,
@@ -421,6 +436,12 @@ def _prefer(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return b if kb > ka else a
 
 
+def _methods(items: Iterable[dict[str, Any]]) -> str | None:
+    """The methods of runs or tasks, in order of appearance, joined by "/" (one, unless an experiment mixes them)."""
+    found = [m for i in items for m in (i["method"] or "").split("/") if m]
+    return "/".join(dict.fromkeys(found)) or None
+
+
 def _task_entry(task: str, runs: dict[int, dict[str, Any]], include_unfinished: bool) -> dict[str, Any]:
     """One task over its seeds: per metric the per-seed values and their mean ± std (n).
 
@@ -454,6 +475,7 @@ def _task_entry(task: str, runs: dict[int, dict[str, Any]], include_unfinished: 
         entry[key] = _mean(r[key] for r in runs.values() if r[key] is not None)
     for key in ("throughput_batch", "device", "precision"):
         entry[key] = next((r[key] for r in runs.values() if r[key]), None)
+    entry["method"] = _methods(runs.values())
     entry["curve"] = first["curve"]
     return entry
 
@@ -499,6 +521,7 @@ def summarize(exp_dir: str | os.PathLike, name: str | None = None,
     return {
         "name": name or experiment_name(exp_dir),
         "dir": str(exp_dir),
+        "method": _methods(tasks.values()),
         "runs": tasks,
         "seeds": sorted({s for e in tasks.values() for s in e["seeds"]}),
         "missing": [t for t in TASK_ORDER if t not in tasks],
@@ -605,12 +628,12 @@ def render_markdown(summaries: Sequence[dict[str, Any]]) -> str:
     """The results as Markdown: a wide table per accuracy (tasks and group means, one row per experiment),
     the three accuracies side by side per experiment, efficiency, then the flags and definitions."""
     tasks, means = _columns(summaries)
-    header = ["Experiment"] + [SHORT_NAMES.get(t, t) for t in tasks] + [MEAN_LABELS[m] for m in means]
+    header = ["Experiment", "Method"] + [SHORT_NAMES.get(t, t) for t in tasks] + [MEAN_LABELS[m] for m in means]
     parts = ["# VTAB-1k results", ""]
     for metric, (_, title) in METRICS.items():
         if metric == "selected" and not _has_metric(summaries, "selected"):
             continue
-        rows = [[s["name"]] + [_task_cell(s, t, metric) for t in tasks]
+        rows = [[s["name"], s["method"] or ""] + [_task_cell(s, t, metric) for t in tasks]
                 + [_mean_cell(s[metric][m]) for m in means] for s in summaries]
         parts += [f"## {title}", "", _md_table(header, rows), ""]
 
@@ -627,9 +650,9 @@ def render_markdown(summaries: Sequence[dict[str, Any]]) -> str:
         parts += [f"### {s['name']}", "",
                   _md_table(["Task", "Best test", "Last epoch", "Val-selected", "Seeds"], rows), ""]
 
-    eff_header = ["Experiment", "Params (M, trainable)", "GFLOPs", "Throughput (img/s)", "Batch", "Device",
+    eff_header = ["Experiment", "Method", "Params (M, trainable)", "GFLOPs", "Throughput (img/s)", "Batch", "Device",
                   "Tasks finished", "Seeds", "Average (groups, best)"]
-    eff_rows = [[s["name"], _fmt(None if s["n_parameters"] is None else s["n_parameters"] / 1e6, 3),
+    eff_rows = [[s["name"], s["method"] or "", _fmt(None if s["n_parameters"] is None else s["n_parameters"] / 1e6, 3),
                  _fmt(s["gflops"]), _fmt(s["throughput"], 1),
                  ", ".join(sorted({str(e["throughput_batch"]) for e in s["runs"].values() if e["throughput_batch"]})),
                  ", ".join(s["devices"]),
@@ -650,6 +673,8 @@ def render_markdown(summaries: Sequence[dict[str, Any]]) -> str:
              "- A run is finished when its final.json says so or when its log reaches the last epoch of its "
              "config. Validation-selected: scripts/sweep.py's selected.json (grid trained on train800, chosen by "
              "val200 top-1 at the last epoch, the winner retrained on train800val200; its last-epoch test top-1).",
+             "- Method: the runs' `merging` (none, tome, pyra = PYRA on ToMe, or the `merging.method`, "
+             "`+pyra` with PYRA on it); several joined by / when an experiment's runs differ.",
              "- Average (groups) is the paper's VTAB average: the mean of the Natural, Specialized and Structured "
              "means. Mean (19) is the plain mean over tasks."]
     for s in summaries:
@@ -714,7 +739,7 @@ def write_csv(summaries: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Path,
     wide = out_dir / "results.csv"
     with open(wide, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        header = ["experiment", "dir"]
+        header = ["experiment", "method", "dir"]
         for metric in METRICS:
             header += [f"{t}_{metric}" for t in tasks]
         for metric in METRICS:
@@ -726,7 +751,7 @@ def write_csv(summaries: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Path,
         header += ["params_m", "gflops", "throughput", "n_finished", "seeds", "missing", "unfinished"]
         writer.writerow(header)
         for s in summaries:
-            row: list[Any] = [s["name"], s["dir"]]
+            row: list[Any] = [s["name"], s["method"] or "", s["dir"]]
             empty = {"mean": None, "std": None, "n": 0}
             for metric in METRICS:
                 row += [_fmt(((s["runs"].get(t) or {}).get(metric) or empty)["mean"], 4) for t in tasks]
@@ -746,32 +771,34 @@ def write_csv(summaries: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Path,
     with open(long, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         stats_header = [f"{k}_{metric}" for metric in METRICS for k in ("mean", "std", "n")]
-        writer.writerow(["experiment", "task", "group", "status", "best_acc1", "last_acc1", "selected_acc1",
+        writer.writerow(["experiment", "method", "task", "group", "status", "best_acc1", "last_acc1", "selected_acc1",
                          "epochs_done", "epochs_total", "n_parameters", "gflops", "throughput", "throughput_batch",
                          "device", "seeds"] + stats_header)
         for s in summaries:
             for t in tasks:
                 e = s["runs"].get(t)
                 if e is None:
-                    writer.writerow([s["name"], t, group_of.get(t, ""), "missing"] + [""] * (11 + len(stats_header)))
+                    writer.writerow([s["name"], s["method"] or "", t, group_of.get(t, ""), "missing"]
+                                    + [""] * (11 + len(stats_header)))
                     continue
-                writer.writerow([s["name"], t, group_of.get(t, ""), e["status"], _fmt(e["best_acc1"], 4),
-                                 _fmt(e["last_acc1"], 4), _fmt(e["selected_acc1"], 4), e["epochs_done"],
-                                 e["epochs_total"] or "", "" if e["n_parameters"] is None else int(e["n_parameters"]),
-                                 _fmt(e["gflops"], 4), _fmt(e["throughput"], 2), e["throughput_batch"] or "",
-                                 e["device"] or "", " ".join(map(str, e["seeds"]))]
+                writer.writerow([s["name"], e["method"] or "", t, group_of.get(t, ""), e["status"],
+                                 _fmt(e["best_acc1"], 4), _fmt(e["last_acc1"], 4), _fmt(e["selected_acc1"], 4),
+                                 e["epochs_done"], e["epochs_total"] or "",
+                                 "" if e["n_parameters"] is None else int(e["n_parameters"]), _fmt(e["gflops"], 4),
+                                 _fmt(e["throughput"], 2), e["throughput_batch"] or "", e["device"] or "",
+                                 " ".join(map(str, e["seeds"]))]
                                 + [x for metric in METRICS for x in (_fmt(e[metric]["mean"], 4),
                                                                      _fmt(e[metric]["std"], 4), e[metric]["n"])])
     with open(out_dir / "results_runs.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["experiment", "task", "seed", "status", "kind", "best_acc1", "last_acc1", "selected_acc1",
-                         "epochs_done", "epochs_total", "throughput", "dir"])
+        writer.writerow(["experiment", "method", "task", "seed", "status", "kind", "best_acc1", "last_acc1",
+                         "selected_acc1", "epochs_done", "epochs_total", "throughput", "dir"])
         for s in summaries:
             for t, e in s["runs"].items():
                 for seed, r in sorted(e["runs"].items()):
-                    writer.writerow([s["name"], t, seed, r["status"], r["kind"] or "", _fmt(r["best_acc1"], 4),
-                                     _fmt(r["last_acc1"], 4), _fmt(r["selected_acc1"], 4), r["epochs_done"],
-                                     r["epochs_total"] or "", _fmt(r["throughput"], 2), r["dir"]])
+                    writer.writerow([s["name"], r["method"] or "", t, seed, r["status"], r["kind"] or "",
+                                     _fmt(r["best_acc1"], 4), _fmt(r["last_acc1"], 4), _fmt(r["selected_acc1"], 4),
+                                     r["epochs_done"], r["epochs_total"] or "", _fmt(r["throughput"], 2), r["dir"]])
     return wide, long
 
 
@@ -831,19 +858,28 @@ def plot_curves(summaries: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+METHOD_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")   # one per method in the accuracy plot
+
+
 def plot_accuracy_vs_throughput(summaries: Sequence[dict[str, Any]], path: Path) -> Path:
-    """The paper's average (best top-1) against throughput, one point per experiment, with error bars of
-    one standard deviation over seeds (accuracy: of the per-seed average; throughput: of the per-seed mean
-    over tasks) where there are at least 2 seeds."""
+    """The paper's average (best top-1) against throughput, one point per experiment, a colour and a marker per
+    method (legend; hollow: incomplete tasks), with error bars of one standard deviation over seeds (accuracy:
+    of the per-seed average; throughput: of the per-seed mean over tasks) where there are at least 2 seeds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     points = [(s["throughput"], s["best"]["Average"]["value"], s) for s in summaries]
     points = [(x, y, s) for x, y, s in points if x is not None and y is not None]
-    for i, (x, y, s) in enumerate(points):
+    methods: list[str] = []   # in order of first appearance: the colour and marker index
+    for x, y, s in points:
         incomplete = "" if s["best"]["Average"]["complete"] else INCOMPLETE_MARK
         yerr, xerr = s["best"]["Average"].get("std"), s.get("throughput_std")
+        method = s["method"] or "unknown"
+        label = None if method in methods else method   # one legend entry per method
+        methods += [method] if label else []
+        i, colour = methods.index(method), f"C{methods.index(method) % 10}"
         ax.errorbar([x], [y], yerr=None if yerr is None else [yerr], xerr=None if xerr is None else [xerr],
-                    color=f"C{i % 10}", marker="o" if not incomplete else "x", capsize=3, linestyle="none")
+                    color=colour, marker=METHOD_MARKERS[i % len(METHOD_MARKERS)], capsize=3, linestyle="none",
+                    markerfacecolor="none" if incomplete else colour, label=label)
         n = s["best"]["Average"].get("n_seeds", 1)
         ax.annotate(s["name"] + incomplete + (f" (n={n})" if n > 1 else ""), (x, y), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
@@ -853,9 +889,11 @@ def plot_accuracy_vs_throughput(summaries: Sequence[dict[str, Any]], path: Path)
     ax.margins(0.2)
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("VTAB average of group means, best top-1 (%)")
-    ax.set_title(f"accuracy vs. throughput (error bars: ±1 std over seeds; {INCOMPLETE_MARK} / x: incomplete "
+    ax.set_title(f"accuracy vs. throughput (error bars: ±1 std over seeds; {INCOMPLETE_MARK} / hollow: incomplete "
                  "tasks)", fontsize=9)
     ax.grid(alpha=0.3)
+    if points:
+        ax.legend(title="method", fontsize=8, title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

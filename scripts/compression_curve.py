@@ -58,6 +58,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lib.config import ConfigError, load_config  # noqa: E402
+from models.backbones import method_label  # noqa: E402
 
 try:  # noqa: E402
     from data.vtab_splits import TASK_ALIASES, VTAB_GROUPS, canonical_task
@@ -167,11 +168,10 @@ def included_point(folder: str) -> Point:
         merging = cfg.get("merging") if isinstance(cfg, dict) else None
         if not isinstance(merging, dict):
             continue
-        r, pyra, method = merging.get("r"), merging.get("pyra"), merging.get("method") or "tome"
+        r, label = merging.get("r"), method_label(merging)
         experiment = str(Path(folder).resolve())
-        if not r or (isinstance(r, list) and not any(r)):
+        if label == "none":
             return Point("uncompressed", "uncompressed", None, None, "", [], experiment=experiment, trained=False)
-        label = "pyra" if pyra and method == "tome" else f"{method}+pyra" if pyra else method
         return Point(f"{label}_r{r_tag(str(r))}", "point", label, str(r), "", [], experiment=experiment,
                      trained=False)
     raise CurveError(f"--include {folder}: no run with a config.yaml of this project (merging.r) found")

@@ -20,7 +20,7 @@ from lib.benchmark import count_flops, sdpa_flop_jit
 from lib.config import DataConfig
 from lib.data import build_dataset
 from models import create_model, fold_lora
-from models.backbones import MERGING_SETTINGS
+from models.backbones import MERGING_SETTINGS, REDUCTION_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "scripts" / "speed_records"
@@ -228,6 +228,29 @@ def test_settings_always_include_the_reference_and_use_one_word_for_it():
     assert args.compile == ["off", "on", "frozen"]
     variants = bench._variants(args, ["none"], has_lora=True)   # the reference is added in front
     assert [v.label for v in variants] == ["none", "none folded", "none folded compiled", "none folded compiled frozen"]
+
+
+def test_reduction_methods_are_settings_timed_and_counted_like_tome(tmp_path):
+    """Every REDUCTION_SETTINGS level is a setting <method>_<level> with its method; on the tiny backbone the FPET
+    and DiffRate rows are timed against none in the same rounds and counted by both counters."""
+    args = bench.parse_args(TINY)
+    for method, levels in REDUCTION_SETTINGS.items():
+        for level, overrides in levels.items():
+            cfg = bench.load_setting_config(args, f"{method}_{level}")
+            assert cfg.merging.method == method and f"{method}_{level}" in bench.SETTINGS
+            assert cfg.merging.options == overrides.get("merging.options", {})
+    assert bench._settings(None) == list(MERGING_SETTINGS)   # the default rows stay the paper's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # 64 px: the schedules are clamped to the 17 tokens
+        report = bench.main([*TINY, "--settings", "fpet_high", "diffrate_low", "--batch-sizes", "1", "--fold", "no",
+                             "--no-e2e", "--no-train", "--json", str(tmp_path / "m.json")])
+    rows = {r["label"]: r for r in report["results"]}
+    assert list(rows) == ["none", "diffrate_low", "fpet_high"]
+    for label in ("diffrate_low", "fpet_high"):
+        row = rows[label]
+        assert row["attention"] == "mask" and row["images_per_s"] > 0 and row["ratio_to_none"] > 0
+        assert 0 < row["fvcore_flops"] < rows["none"]["fvcore_flops"]
+        assert 0 < row["torch_flops"] < rows["none"]["torch_flops"] and row["attention_macs"] > 0
 
 
 @pytest.mark.benchmark

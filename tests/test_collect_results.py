@@ -492,3 +492,64 @@ def test_ablation_layout_has_group_means_and_trainable_parameters(tmp_path: Path
     assert tome[2] == f"80.50 ± {_std(special):.2f} (n=2)*" and tome[3] == f"65.50 ± {_std(struct):.2f} (n=2)*"
     assert tome[4] == f"{sum(average) / 2:.2f} ± {_std(average):.2f} (n=2)*" and tome[5] == "1.00"
     assert "## Ablation layout" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------ methods
+def test_method_label_of_a_merging_section() -> None:
+    assert cr.method_label(None) is None and cr.method_label("x") is None
+    assert cr.method_label({}) == "none" and cr.method_label({"r": None, "pyra": False}) == "none"
+    assert cr.method_label({"r": [0, 0], "method": "fpet"}) == "none"              # an all-zero schedule
+    assert cr.method_label({"r": "high"}) == "tome"                                  # older runs: no method key
+    assert cr.method_label({"r": [8, 8], "method": "tome", "pyra": True}) == "pyra"
+    assert cr.method_label({"r": [98, 0], "method": "fpet", "pyra": False}) == "fpet"
+    assert cr.method_label({"r": None, "method": "diffrate"}) == "diffrate"          # counts in its options
+    assert cr.method_label({"r": [4], "method": "fpet", "pyra": {"weights": "token"}}) == "fpet+pyra"
+
+
+def test_method_column_and_plot_markers_per_method(tmp_path: Path) -> None:
+    merging = {"none": "{r: null, pyra: false}", "tome": "{r: [8, 8], pyra: false, method: tome}",
+               "pyra": "{r: [8, 8], pyra: true, method: tome}", "fpet": "{r: [98, 0], pyra: false, method: fpet}",
+               "diffrate": "{r: [20, 30], pyra: false, method: diffrate}"}
+    exps = []
+    for i, (name, section) in enumerate(merging.items()):
+        exp = tmp_path / "logs" / name
+        for seed in (0, 1):
+            d = write_seed_run(exp, "dtd", seed, best=60.0 + i + seed, last=60.0, throughput=1000.0 + 100 * i)
+            (d / "config.yaml").write_text(f"seed: {seed}\ntrain:\n  epochs: 10\nmerging: {section}\n")
+        exps.append(exp)
+    old = write_run(tmp_path / "logs" / "old", "dtd", [(0, 50.0), (9, 55.0)], throughput=1500.0)   # no merging key
+    write_official(tmp_path / "outputs" / "x_compress_high_PYRA_LR_0.0001", "dtd", [50.0] * 11)
+    exps += [old.parent, tmp_path / "outputs" / "x_compress_high_PYRA_LR_0.0001"]
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calls, real = [], plt.Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        calls.append(kwargs)
+        return real(self, x, y, *args, **kwargs)
+
+    plt.Axes.errorbar = spy
+    try:
+        result = cr.collect(exps, out=tmp_path / "r")
+    finally:
+        plt.Axes.errorbar = real
+    expected = [*merging, "tome", "pyra"]   # the old run's tokens decrease; the official run has token_merging, pyra
+    assert [s["method"] for s in result["summaries"]] == expected
+    lines = result["markdown"].splitlines()
+    assert lines[4].startswith("| Experiment | Method | Cifar100 |")
+    assert [line.split(" | ")[1] for line in lines[6:6 + len(exps)]] == expected
+    with open(tmp_path / "r" / "results.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == expected
+    with open(tmp_path / "r" / "results_runs.csv") as f:
+        assert {r["method"] for r in csv.DictReader(f) if r["experiment"] == "fpet"} == {"fpet"}
+    # The official run has no throughput: six points, five methods, each with its own colour, marker, legend entry.
+    assert len(calls) == 6
+    style = {c["label"]: (c["color"], c["marker"]) for c in calls if c["label"]}
+    assert list(style) == ["none", "tome", "pyra", "fpet", "diffrate"]
+    assert len(set(style.values())) == 5 and len({m for _, m in style.values()}) == 5
+    assert (calls[5]["color"], calls[5]["marker"]) == style["tome"]      # the old run joins ToMe's colour
+    assert all(c["markerfacecolor"] == "none" for c in calls)            # one task of 19: incomplete, hollow
