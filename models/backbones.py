@@ -71,6 +71,9 @@ MERGING_LABELS: dict[str, str] = {
 # class token is read after it); models/diffrate.md. A search (merging.options.search) replaces them.
 # ToFu: ToMe's own low / high schedules (same matching and clamp, so the same tokens per layer and FLOPs), blocks
 # 0-5 pruning and 6-11 merging with MLERP (models/README.md §10).
+# DTEM merges as ToMe does in evaluation, with ToMe's schedules; only its embedding (768 -> 64 per merging layer) adds
+# multiply-adds: fvcore, explicit attention: low 8.880 G = ToMe low +0.7 %; high 5.138 G = ToMe high +0.8 %.
+_DTEM = {"merging.pyra": False, "merging.options": {"embed_dim": None, "top_k": 3, "tau1": 0.1, "tau2": 0.1}}
 _FPET = {"merging.pyra": False, "merging.options": {"refine_dim": 32, "refine_bits": 1, "refine_dropout": 0.1}}
 _TOFU = {"merging.pyra": False, "merging.options": {"merge_from": 6, "mlerp": True}}
 REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
@@ -82,6 +85,8 @@ REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
             "prune_kept": [196, 153, 104, 71, 48, 32, 22, 15, 10, 7, 5, 4],
             "merge_kept": [196, 132, 90, 61, 41, 28, 19, 13, 9, 6, 4, 4]}},
     },
+    "dtem": {"low": {"merging.method": "dtem", "merging.r": "low", **_DTEM},
+             "high": {"merging.method": "dtem", "merging.r": "high", **_DTEM}},
     "fpet": {"low": {"merging.method": "fpet", "merging.r": [0, 0, 0, 98, 0, 0, 49, 0, 0, 25, 0, 0], **_FPET},
              "high": {"merging.method": "fpet", "merging.r": [98, 0, 0, 49, 0, 0, 0, 25, 0, 0, 0, 0], **_FPET}},
     "tofu": {"low": {"merging.method": "tofu", "merging.r": "low", **_TOFU},

@@ -6,7 +6,8 @@ subclass, plus one entry in :data:`REDUCTION_METHODS` (``"name": "module:Class"`
 used) or a :func:`register_reduction` call (a plugin, a test). The block knows no method:
 
 - ``needs`` says what the attention must hand over besides the tokens (``"metric"``: the keys
-  averaged over heads; ``"cls_attn"``: the class token's attention over the keys, averaged over heads);
+  averaged over heads; ``"cls_attn"``: the class token's attention over the keys, averaged over heads;
+  ``"features"``: the attention's input, ``norm1(x)``, for a method that embeds the tokens itself);
 - ``max_reduction`` is the method's clamp (how many tokens it can remove from ``num_tokens`` inputs), which
   both the forward and the build-time schedule clamp use;
 - the first ``protected`` tokens (class, distillation token, visual prompts) are never reduced and keep
@@ -41,7 +42,7 @@ __all__ = ["TokenReduction", "NoOptions", "REDUCTION_METHODS", "DEFAULT_METHOD",
 
 DEFAULT_METHOD = "tome"
 # What MergingAttention can hand to a method, besides the tokens themselves.
-ATTENTION_OUTPUTS = ("metric", "cls_attn")
+ATTENTION_OUTPUTS = ("metric", "cls_attn", "features")
 # What the model can tell a method when it is built (keyword arguments of its __init__, if it declares them in
 # ``context``): "grid", the (rows, cols) of the patch grid; "head_dim", the width of one attention head; "depth",
 # the number of blocks (for a method whose step depends on where the layer sits, ToFu).
@@ -123,6 +124,7 @@ REDUCTION_METHODS: dict[str, str | type[TokenReduction]] = {
     "tome": "models.tome:ToMe",
     "fpet": "models.fpet:FPET",
     "diffrate": "models.diffrate:DiffRate",
+    "dtem": "models.dtem:DTEM",
     "tofu": "models.tofu:ToFu",
 }
 

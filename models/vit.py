@@ -45,8 +45,9 @@ class MergingAttention(Attention):
     """timm attention that adds ``log(size)`` to the logits of each key and hands over what a reduction needs.
 
     ``outputs`` names what to return beside the attention output (``models.reduction.ATTENTION_OUTPUTS``):
-    ``"metric"``, the keys averaged over heads (B×N×d, ToMe's matching metric), and ``"cls_attn"``, the
-    class token's attention over the keys averaged over heads (B×N, computed apart from the fused kernel).
+    ``"metric"``, the keys averaged over heads (B×N×d, ToMe's matching metric), ``"cls_attn"``, the
+    class token's attention over the keys averaged over heads (B×N, computed apart from the fused kernel),
+    and ``"features"``, the attention's own input (B×N×C, ``norm1(x)``; DTEM embeds it for its matching).
 
     Proportional attention, ``softmax(q·kᵀ·scale + log(size_k)) v``, runs in one of two forms
     (``size_bias``; the class default is the form measured faster, see ``SIZE_BIAS_BY_DEVICE``):
@@ -66,6 +67,7 @@ class MergingAttention(Attention):
                 outputs: frozenset[str] = frozenset()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Attention output and the requested ``outputs`` (a dict, empty when none is asked for)."""
         B, N, _ = x.shape
+        features = x
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -90,6 +92,8 @@ class MergingAttention(Attention):
             if size is not None:
                 logits = logits + size.log().to(q.dtype).view(B, 1, 1, N)
             extra["cls_attn"] = logits.softmax(dim=-1).mean(1)[:, 0]          # B×N
+        if "features" in outputs:
+            extra["features"] = features                                     # B×N×C, the attention's input
         return x, extra
 
 

@@ -19,6 +19,7 @@ CONFIG = str(REPO / "configs/demo/digits_random.yaml")
 TINY = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
         "peft.dim=4", "data.num_classes=10", "merging.pyra=false"]          # 4 x 4 patches
 METHODS = {"fpet": ["merging.method=fpet", "merging.r=[8, 0]"],            # half of the 16 patches, in block 0
+           "dtem": ["merging.method=dtem", "merging.r=[4, 2]"],
            "diffrate": ["merging.method=diffrate", "merging.r=null",
                         "merging.options={prune_kept: [16, 10], merge_kept: [16, 6]}"]}
 
