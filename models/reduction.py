@@ -14,7 +14,8 @@ used) or a :func:`register_reduction` call (a plugin, a test). The block knows n
 - parameters a method learns belong to the method's module, whose ``param_category`` decides that they
   train (``models.peft.param_categories``), whatever they are called;
 - ``context`` names what the method must know of the model when it is built (``MODEL_CONTEXT``: the patch
-  grid, for a split by image position; the head width, the width of the ``metric``).
+  grid, for a split by image position; the head width, the width of the ``metric``; the depth, for a
+  setting that changes with the layer's relative position).
 
 A method that learns its own per-layer counts (DiffRate) also acts on the whole model, through three class
 methods that receive its layers in order (no-ops by default): ``setup`` once the model is built (it may size
@@ -40,8 +41,9 @@ DEFAULT_METHOD = "tome"
 # What MergingAttention can hand to a method, besides the tokens themselves.
 ATTENTION_OUTPUTS = ("metric", "cls_attn")
 # What the model can tell a method when it is built (keyword arguments of its __init__, if it declares them in
-# ``context``): "grid", the (rows, cols) of the patch grid; "head_dim", the width of one attention head.
-MODEL_CONTEXT = ("grid", "head_dim")
+# ``context``): "grid", the (rows, cols) of the patch grid; "head_dim", the width of one attention head;
+# "depth", the number of blocks.
+MODEL_CONTEXT = ("grid", "head_dim", "depth")
 
 Tokens = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]   # (x, size, source)
 
@@ -118,6 +120,7 @@ REDUCTION_METHODS: dict[str, str | type[TokenReduction]] = {
     "tome": "models.tome:ToMe",
     "fpet": "models.fpet:FPET",
     "diffrate": "models.diffrate:DiffRate",
+    "pitome": "models.pitome:PiToMe",
 }
 
 

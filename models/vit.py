@@ -455,7 +455,8 @@ def set_reduction(model: VisionTransformer, method: str = DEFAULT_METHOD, option
     """
     options = check_options(method, options) if options is None or isinstance(options, Mapping) else options
     device = model.blocks[0].norm1.weight.device
-    context = {"grid": tuple(model.patch_embed.grid_size), "head_dim": model.blocks[0].attn.head_dim}
+    context = {"grid": tuple(model.patch_embed.grid_size), "head_dim": model.blocks[0].attn.head_dim,
+               "depth": len(model.blocks)}
     for i, block in enumerate(model.blocks):
         block.reduction = build_reduction(method, block.r, block.protected, model.embed_dim, layer=i,
                                           options=options, context=context).to(device)
