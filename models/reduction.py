@@ -125,6 +125,7 @@ REDUCTION_METHODS: dict[str, str | type[TokenReduction]] = {
     "fpet": "models.fpet:FPET",
     "diffrate": "models.diffrate:DiffRate",
     "dtem": "models.dtem:DTEM",
+    "pitome": "models.pitome:PiToMe",
     "tofu": "models.tofu:ToFu",
 }
 
