@@ -46,10 +46,13 @@ def launch_workers(nproc: int, script: str, argv: list[str]) -> int:
     import logging
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes report
+    for name in list(logging.root.manager.loggerDict):   # the processes report; torchrun's own logs stay quiet
+        if name.startswith("torch.distributed.elastic"):    # (each of its loggers has a level of its own)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     try:
@@ -57,6 +60,8 @@ def launch_workers(nproc: int, script: str, argv: list[str]) -> int:
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode
         return 128 - code if code < 0 else code or 1   # killed by signal N: 128 + N, as a shell reports it
+    except SignalException as e:   # this process was signalled: the processes got the same signal and have
+        return 128 + int(e.sigval)  # stopped as they do on it (a checkpoint first, for SIGTERM / SIGINT)
     return 0
 
 

@@ -27,7 +27,7 @@ it trains that point, and the element that finds every point of its task and see
 selection and the test run (under a lock, so only one does). Submitting the array again is safe.
 
 Environment: ``SEEDS="0 1 2"`` (as ``--seeds``; default: the config's seed), ``PYTHON`` (interpreter for
-train.py), ``GPU`` / ``CUDA_VISIBLE_DEVICES``, ``NPROC`` (K > 1: torchrun with K processes per run).
+train.py), ``GPU`` / ``CUDA_VISIBLE_DEVICES``, ``NPROC`` (K > 1: ``train.py --nproc-per-node K``, K processes per run).
 """
 from __future__ import annotations
 
@@ -215,9 +215,8 @@ class Sweep:
 
     def command(self, stage: str, index: int, task: str, seed: int) -> list[str]:
         splits = VAL_SPLITS if stage == "val" else TEST_SPLITS
-        launcher = [self.python] if self.nproc <= 1 else [
-            self.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.nproc)]
-        return [*launcher, "train.py", "--config", self.config, "--resume", "auto",
+        nproc = [] if self.nproc <= 1 else ["--nproc-per-node", str(self.nproc)]   # keeps the processes' exit code
+        return [self.python, "train.py", *nproc, "--config", self.config, "--resume", "auto",
                 *self._overrides(self.points[index], splits, seed, task, self.experiment_of(stage, index))]
 
     # ------------------------------------------------------------------------------------------ runs

@@ -12,7 +12,7 @@
 #                          config's seed (no seed= override added)
 #   GPU=N                  use GPU N (sets CUDA_VISIBLE_DEVICES unless that is already set)
 #   CUDA_VISIBLE_DEVICES   honoured as is
-#   NPROC=K                K>1: K processes on K GPUs with torchrun (torch.distributed.run); K must
+#   NPROC=K                K>1: K processes on K GPUs (train.py --nproc-per-node K, torchrun's machinery); K must
 #                          divide train.batch_size, refused when fewer GPUs are visible (both checked
 #                          before launching; train.device=cpu: K CPU processes, gloo)
 #   PYTHON                 interpreter (default: python, else python3)
@@ -87,9 +87,9 @@ if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 if [[ "$NPROC" -gt 1 ]]; then
-    launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+    nproc_flag=(--nproc-per-node "$NPROC")   # train.py starts them (torchrun's machinery) and keeps their exit code
 else
-    launcher=("$PYTHON")
+    nproc_flag=()
 fi
 
 cd "$ROOT"
@@ -131,7 +131,8 @@ if [[ -n "$resume_path" && ${#seeds[@]} -gt 1 ]]; then
 fi
 
 command_for() {  # the train.py command of seed $1: options first, then every override, the task last
-    cmd=("${launcher[@]}" train.py --config "$config" "${flags[@]+"${flags[@]}"}" "${overrides[@]+"${overrides[@]}"}")
+    cmd=("$PYTHON" train.py "${nproc_flag[@]+"${nproc_flag[@]}"}" --config "$config" "${flags[@]+"${flags[@]}"}"
+         "${overrides[@]+"${overrides[@]}"}")
     [[ -z "${SEEDS:-}" ]] || cmd+=("seed=$1")
     cmd+=("data.task=$task")
 }

@@ -1,6 +1,6 @@
 """scripts/vtab.sh and scripts/vtab_all.sh with a stand-in interpreter that records the train.py calls.
 
-``PYTHON`` points at a small script: calls to train.py (directly or through torch.distributed.run) are
+``PYTHON`` points at a small script: calls to train.py (with or without --nproc-per-node) are
 logged and succeed or fail on demand; anything else (vtab_all's config lookup) runs in the real Python.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_vtab_sh_multi_gpu_uses_torchrun(fake, config: Path, tmp_path: Path) -> 
     env, log = fake
     assert run(VTAB, ["svhn", str(config), f"output_dir={tmp_path}"], env, NPROC="2", FAKE_GPUS="2").returncode == 0
     (call,) = calls(log)
-    assert call["args"][:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    assert call["args"][:3] == ["train.py", "--nproc-per-node", "2"]
 
 
 def test_vtab_sh_refuses_more_processes_than_visible_gpus(fake, config: Path, tmp_path: Path) -> None:
@@ -124,7 +124,7 @@ def test_vtab_sh_refuses_more_processes_than_visible_gpus(fake, config: Path, tm
     cpu = run(VTAB, ["svhn", str(config), f"output_dir={tmp_path}", "train.device=cpu"], env, NPROC="2",
               FAKE_GPUS="0")
     assert cpu.returncode == 0, cpu.stderr
-    assert calls(log)[0]["args"][:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert calls(log)[0]["args"][:3] == ["train.py", "--nproc-per-node", "2"]
 
 
 def test_vtab_sh_rejects_bad_usage(fake, config: Path, tmp_path: Path) -> None:
