@@ -71,7 +71,7 @@ class MergingConfig:
     r: Merging = None
     method: str = "tome"                      # the reduction method: a models.reduction.REDUCTION_METHODS name
     # merging.<method>: a method's own keys (its Options), e.g. merging.diffrate: {search: true}; any registered
-    # method's may be given (each checked against its Options), the selected one's build the model
+    # method's may be given (each checked against its Options); the selected method's keys build the model
     methods: dict[str, dict] = spread(_method_keys)
     # false | true (the paper's PYRA) | {weights: both|channel|token, activation: sigmoid|none,
     # generator: adaptive|static|gated_mlp} (models.pyra.PYRAVariant; missing keys: the paper's)

@@ -123,7 +123,8 @@ class TokenReduction(nn.Module):
 
 
 def register_reduction(name: str, cls: type[TokenReduction] | None = None):
-    """Add a method under ``name`` (also usable as a class decorator); selectable as ``merging.method: name``."""
+    """Add a method under ``name`` (also usable as a class decorator); selectable as ``merging.method: name``, its
+    keys given as ``merging.<name>``."""
     def add(cls: type[TokenReduction]) -> type[TokenReduction]:
         if not (isinstance(cls, type) and issubclass(cls, TokenReduction)):
             raise TypeError(f"a reduction method must subclass TokenReduction, got {cls!r}")
