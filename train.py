@@ -38,7 +38,15 @@ from lib.checkpointing import (
     seed_everything,
     set_rng_state,
 )
-from lib.config import DEFAULTS, ConfigError, config_to_dict, load_config, resolve_config, save_config
+from lib.config import (
+    DEFAULTS,
+    ConfigError,
+    config_to_dict,
+    current_form,
+    load_config,
+    resolve_config,
+    save_config,
+)
 from lib.data import DataError, build_dataset, canonical_task, check_class_counts
 from lib.distributed import (
     DistInfo,
@@ -231,11 +239,12 @@ def _kept_checkpoint(out: Path, removed: bool) -> str:
 
 def _comparable(ckpt: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run's config and ``cfg`` in the same form: resolved (what the model really has) when the
-    checkpoint recorded that, so ``--config <run>/config.yaml`` resumes the run it came from."""
+    checkpoint recorded that, so ``--config <run>/config.yaml`` resumes the run it came from; the run's in
+    today's spelling (``current_form``: a run that wrote ``merging.options`` has the same recipe)."""
     if "resolved_config" not in ckpt:
-        return ckpt.get("config", {}), config_to_dict(cfg)
+        return current_form(ckpt.get("config", {})), config_to_dict(cfg)
     probe = build_model(cfg, num_classes=1, pretrained=False)  # random weights: only its shape matters
-    return ckpt["resolved_config"], config_to_dict(resolve_config(cfg, probe))
+    return current_form(ckpt["resolved_config"]), config_to_dict(resolve_config(cfg, probe))
 
 
 def write_learned_records(model: nn.Module, out: Path) -> None:

@@ -28,7 +28,7 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         peft=cfg.peft.type, peft_dim=cfg.peft.dim, peft_dropout=cfg.peft.dropout, peft_init=cfg.peft.init,
         prompt_mode=cfg.peft.prompt_mode, merging=cfg.merging.r, method=cfg.merging.method,
-        method_options=cfg.merging.options, pyra=cfg.merging.pyra,
+        method_options=cfg.merging.method_options, pyra=cfg.merging.pyra,
         prop_attn=cfg.merging.prop_attn, drop_path_rate=m.drop_path_rate, img_size=m.img_size)
     if m.name == "vit":
         kwargs.update(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)

@@ -18,16 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lib.yamlconf import ConfigError, Schema, bounded, dump_yaml, get_dotted, short_repr
+from lib.yamlconf import ConfigError, Schema, bounded, dump_yaml, get_dotted, short_repr, spread
 from lib.yamlconf import to_dict as config_to_dict
 from models.backbones import get_backbone
+from models.methods import REDUCTION_METHODS
 
 if TYPE_CHECKING:
     from models.vit import Merging
 
 __all__ = ["Config", "ModelConfig", "PeftConfig", "MergingConfig", "DataConfig", "OptimConfig", "SchedConfig",
            "TrainConfig", "ReportConfig", "LogConfig", "DEFAULTS", "ConfigError", "load_config",
-           "validate_config", "resolve_config", "save_config", "config_to_dict"]
+           "validate_config", "resolve_config", "save_config", "config_to_dict", "current_form"]
 
 
 # The sections: keys, types, defaults; ``bounded(default, low, ...)`` adds the range load_config enforces.
@@ -55,16 +56,38 @@ class PeftConfig:
     prompt_mode: str = "shallow"              # peft.type=prompt only
 
 
+LEGACY_OPTIONS = "options"   # merging.options: the earlier spelling of merging.<selected method>, still read
+
+
+def _method_keys() -> tuple[str, ...]:
+    """The names ``merging.<name>`` may take: every registered method (also one registered at run time), and
+    the earlier spelling ``options`` (``current_form`` moves it)."""
+    return (*REDUCTION_METHODS, LEGACY_OPTIONS)
+
+
 @dataclass
 class MergingConfig:
     # null | a named schedule (low, high) | int | a per-layer list of ints | {r: int, inflection: in [-1, 1]}
     r: Merging = None
     method: str = "tome"                      # the reduction method: a models.reduction.REDUCTION_METHODS name
-    options: dict = field(default_factory=dict)  # the method's own keys (its Options), e.g. {} for tome
+    # merging.<method>: a method's own keys (its Options), e.g. merging.diffrate: {search: true}; any registered
+    # method's may be given (each checked against its Options); the selected method's keys build the model
+    methods: dict[str, dict] = spread(_method_keys)
     # false | true (the paper's PYRA) | {weights: both|channel|token, activation: sigmoid|none,
     # generator: adaptive|static|gated_mlp} (models.pyra.PYRAVariant; missing keys: the paper's)
     pyra: Any = False
     prop_attn: bool = True
+
+    @property
+    def method_options(self) -> dict:
+        """The selected method's keys, ``merging.<method>`` (what ``create_model(method_options=...)`` gets)."""
+        return self.methods.get(self.method, {})
+
+    def __getattr__(self, name: str) -> dict:
+        """``cfg.merging.<method>``: that method's keys as given (``{}``: none), as ``merging.<method>`` in YAML."""
+        if name in REDUCTION_METHODS:
+            return self.__dict__.get("methods", {}).get(name, {})
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 @dataclass
@@ -160,8 +183,8 @@ _NAME_PART = {False: re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*"),
               True: re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.+= -]*[A-Za-z0-9_.+=-])?")}
 _FOLDER_NAMES = {"experiment": True, "data.task": False}   # key -> whether "/" and spaces are allowed
 _PATHS = ("output_dir", "data.root", "model.pretrained")    # free paths, but never control characters
-_SCHEMA = Schema(Config, runtime=["config_path"], free=["merging.r", "merging.pyra", "merging.options"])
-# r: judged by models.resolve_schedule; pyra by models.pyra.parse_pyra; options by the method's Options
+_SCHEMA = Schema(Config, runtime=["config_path"], free=["merging.r", "merging.pyra"])
+# r: judged by models.resolve_schedule; pyra by models.pyra.parse_pyra; merging.<method> by the method's Options
 DEFAULTS: dict[str, Any] = {k: v for k, v in config_to_dict(Config()).items() if k != "config_path"}
 
 
@@ -192,15 +215,20 @@ def _model_errors(m: Mapping) -> tuple[list[str], int | None]:
 
 
 def _merging_errors(m: Mapping) -> tuple[list[str], bool]:
-    """The method's own keys and the PYRA variant, judged by their owners; and whether PYRA is on."""
+    """The methods' own keys (``merging.<method>``: every one given and the selected one's) and the PYRA
+    variant, judged by their owners; and whether PYRA is on."""
     from models.pyra import parse_pyra
-    from models.reduction import REDUCTION_METHODS, check_options
+    from models.reduction import check_options
     errors, pyra_on = [], False
-    if not isinstance(m["options"], Mapping):
-        errors.append(f"merging.options: expected a mapping of the method's keys, got {short_repr(m['options'])}")
-    elif m["method"] in REDUCTION_METHODS:
+    selected, spread = m["method"], _SCHEMA.spread_keys()   # another method's empty mapping gives nothing to check
+    names = [k for k in m if f"merging.{k}" in spread and k not in (LEGACY_OPTIONS, selected) and m[k] != {}]
+    for name in [selected] * (selected in REDUCTION_METHODS) + names:
+        keys = m.get(name, {})   # the selected method's: its defaults when none are given
+        if not isinstance(keys, Mapping):
+            errors.append(f"merging.{name}: expected a mapping of the keys of method {name!r}, got {short_repr(keys)}")
+            continue
         try:
-            check_options(m["method"], m["options"])
+            check_options(name, keys)
         except (ValueError, TypeError) as e:
             errors.append(str(e))
     try:
@@ -254,6 +282,32 @@ def _name_error(key: str, name: str, nested: bool) -> str | None:
     return f"{key}: {short_repr(name)} cannot name a folder: use {allowed}"
 
 
+def current_form(data: Mapping) -> dict:
+    """A copy of a config mapping in today's spelling, so that a run made by an earlier version reads (and
+    compares) as the same config: ``merging.options`` (the earlier spelling, in config.yaml and checkpoints of
+    earlier runs) is read as ``merging.<selected method>``; a ConfigError names both keys when both are given
+    and differ. An empty ``merging.options`` (the earlier default) says nothing."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("merging"), Mapping):
+        return copy.deepcopy(data)   # validation says what it is
+    out = copy.deepcopy(dict(data))
+    m, method = out["merging"], out["merging"].get("method", MergingConfig.method)
+    if LEGACY_OPTIONS not in m or not isinstance(method, str) or method not in REDUCTION_METHODS:
+        return out   # nothing to move (an unknown method: validation names it)
+    legacy, own = m[LEGACY_OPTIONS], m.get(method)
+    if not isinstance(legacy, Mapping):
+        raise ConfigError(f"merging.{LEGACY_OPTIONS}: expected a mapping of the keys of method {method!r} (the "
+                          f"earlier spelling of merging.{method}), got {short_repr(legacy)}")
+    if legacy and own is not None and own != legacy:
+        raise ConfigError(f"merging.{LEGACY_OPTIONS} and merging.{method} both give the keys of method {method!r} "
+                          f"and differ ({short_repr(dict(legacy))} vs {short_repr(own)}); keep merging.{method} "
+                          f"(merging.{LEGACY_OPTIONS} is its earlier spelling)")
+    moved = {method: dict(legacy)} if legacy and own is None else {}
+    out["merging"] = {k: v for key, value in m.items() if key != LEGACY_OPTIONS
+                      for k, v in [(key, value), *(moved.items() if key == "method" else ())]}
+    out["merging"].update(moved)   # beside merging.method (config.yaml's order); at the end without one
+    return out
+
+
 def validate_config(cfg: Config | Mapping, model_checks: bool = True) -> None:
     """Check keys, types and values of a complete config; raise ConfigError listing every problem.
 
@@ -261,7 +315,7 @@ def validate_config(cfg: Config | Mapping, model_checks: bool = True) -> None:
     values, the schedule, PYRA's variant: torch start-up), for scripts that only need names and paths
     and start train.py, which checks everything.
     """
-    data = config_to_dict(cfg)
+    data = current_form(config_to_dict(cfg))
     errors = _SCHEMA.structure_errors(data, None, complete=True) or _value_errors(data, model_checks)
     if errors:
         raise ConfigError(errors)
@@ -281,7 +335,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     Sets ``experiment`` (when empty) from the path under configs/, and ``config_path`` to ``path``.
     ``model_checks``: see :func:`validate_config`.
     """
-    data = _SCHEMA.layers(DEFAULTS, path, overrides)
+    data = current_form(_SCHEMA.layers(DEFAULTS, path, overrides))   # merging.options read as merging.<method>
     validate_config(data, model_checks)
     if not data["experiment"]:
         data["experiment"] = _experiment_name(path)

@@ -14,15 +14,15 @@ import reprlib
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "Schema", "bounded", "to_dict", "get_dotted", "parse_yaml", "dump_yaml", "short_repr",
-           "MAX_YAML_NODES"]
+__all__ = ["ConfigError", "Schema", "bounded", "spread", "to_dict", "get_dotted", "parse_yaml", "dump_yaml",
+           "short_repr", "MAX_YAML_NODES"]
 
 MAX_YAML_NODES = 10_000     # values a config may hold once its aliases are expanded (a real one has a few hundred)
 _MAX_LINE = 400             # characters an error line may show before it is cut
@@ -58,11 +58,24 @@ def bounded(default: Any, low: float | None = None, *, strict: bool = False, hig
     return field(default=default, metadata=meta)
 
 
+def spread(names: Callable[[], Iterable[str]]) -> Any:
+    """A dict field whose entries are keys of its section, beside the section's fields: ``<section>.<name>`` for
+    each name ``names()`` gives (asked whenever a config is read, so names added at run time count). Each is a
+    free leaf (its form judged by the caller) that is not required; an override below it
+    (``<section>.<name>.<key>=value``) sets one key of its mapping (``Schema.layers``). The dataclass holds
+    them as ``{name: value}``; :func:`to_dict` writes them in its place."""
+    return field(default_factory=dict, metadata={"spread": names})
+
+
 def to_dict(obj: Any) -> Any:
-    """A plain nested dict/list copy of dataclasses, mappings, lists and tuples."""
-    if is_dataclass(obj) or isinstance(obj, Mapping):
-        items = obj.items() if isinstance(obj, Mapping) else ((f.name, getattr(obj, f.name)) for f in fields(obj))
+    """A plain nested dict/list copy of dataclasses, mappings, lists and tuples (a :func:`spread` field's
+    entries become keys of its section)."""
+    if is_dataclass(obj):
+        items = [item for f in fields(obj) for item in (getattr(obj, f.name).items() if "spread" in f.metadata
+                                                        else [(f.name, getattr(obj, f.name))])]
         return {str(k): to_dict(v) for k, v in items}
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
     return [to_dict(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
 
@@ -167,11 +180,12 @@ class Schema:
     """The keys of a root dataclass: sections (nested dataclasses) and leaves with their type hints.
 
     ``runtime`` keys are set by code only (never read from files or overrides); ``free`` leaves take any
-    YAML value (their form is judged by the caller).
+    YAML value (their form is judged by the caller); a section's :func:`spread` field adds the keys it names.
     """
 
     def __init__(self, root: type, runtime: Iterable[str] = (), free: Iterable[str] = ()) -> None:
         self.root, self.runtime, self.free = root, tuple(runtime), tuple(free)
+        self.spreads: dict[str, tuple[str, Callable[[], Iterable[str]]]] = {}   # "section." -> (field, names)
         self.keys: dict[str, tuple[Any, Any]] = {k: v for k, v in self._walk(root).items() if k not in self.runtime}
         self.sections = {k: hint for k, (hint, _) in self.keys.items() if is_dataclass(hint)}
         self.leaves = {k: hint for k, (hint, _) in self.keys.items() if not is_dataclass(hint)}
@@ -179,11 +193,18 @@ class Schema:
     def _walk(self, cls: type, prefix: str = "") -> dict[str, tuple[Any, Any]]:
         out, names = {}, vars(sys.modules[cls.__module__])
         for f in fields(cls):  # a free leaf's hint is not evaluated: its type may live in a module not loaded
+            if "spread" in f.metadata:
+                self.spreads[prefix] = (f.name, f.metadata["spread"])
+                continue
             hint = Any if prefix + f.name in self.free else eval(f.type, names) if isinstance(f.type, str) else f.type
             out[prefix + f.name] = (hint, f.metadata.get("bounds"))
             if is_dataclass(hint):
                 out.update(self._walk(hint, f"{prefix}{f.name}."))
         return out
+
+    def spread_keys(self) -> set[str]:
+        """The dotted keys the :func:`spread` fields name now (a section's own fields keep their meaning)."""
+        return {prefix + str(name) for prefix, (_, names) in self.spreads.items() for name in names()} - set(self.keys)
 
     def kind(self, key: str) -> tuple[Any, bool]:
         """(type, nullable) of a typed leaf: ``int | None`` -> (int, True); (None, True) for a free leaf."""
@@ -196,9 +217,10 @@ class Schema:
 
     def suggest(self, key: str) -> str:
         """'; did you mean X?' for the nearest valid key (same leaf name elsewhere, else closest spelling)."""
-        leaf, by_leaf = key.rsplit(".", 1)[-1], {k.rsplit(".", 1)[-1]: k for k in self.keys}
-        match = [k for k in self.keys if k.rsplit(".", 1)[-1] == leaf and k != key]
-        match = match or difflib.get_close_matches(key, list(self.keys), n=1, cutoff=0.6)
+        keys = [*self.keys, *sorted(self.spread_keys())]
+        leaf, by_leaf = key.rsplit(".", 1)[-1], {k.rsplit(".", 1)[-1]: k for k in keys}
+        match = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != key]
+        match = match or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
         match = match or [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
         return f"; did you mean {match[0]}?" if match else ""
 
@@ -208,9 +230,11 @@ class Schema:
         at = f"{where}: " if where else ""
         if not isinstance(tree, Mapping):
             return [f"{at}{prefix.rstrip('.') or 'config'}: expected a mapping, got {short_repr(tree)}"]
-        errors = []
+        errors, spread = [], self.spread_keys()
         for key, value in tree.items():
             dotted = f"{prefix}{key}"
+            if dotted in spread:
+                continue   # free: its form is judged by the caller
             if dotted in self.sections:
                 errors += self.structure_errors(value, where, dotted + ".", complete)
             elif dotted in self.leaves and dotted not in self.free:
@@ -244,12 +268,15 @@ class Schema:
                 errors.append(f"{key}: must be {rng}, got {short_repr(value)}")
         return errors
 
-    def merge(self, base: Mapping, over: Mapping, prefix: str = "") -> dict:
-        """`over` on top of `base`: sections merge recursively; leaves (lists and mappings too) replace."""
+    def merge(self, base: Mapping, over: Mapping, prefix: str = "", into: Iterable[str] = ()) -> dict:
+        """`over` on top of `base`: sections (and the keys ``into`` names) merge recursively; leaves (lists and
+        mappings too) replace."""
         out = copy.deepcopy(dict(base))
         for key, value in over.items():
-            deep = f"{prefix}{key}" in self.sections and isinstance(value, Mapping) and isinstance(out.get(key), dict)
-            out[key] = self.merge(out[key], value, f"{prefix}{key}.") if deep else copy.deepcopy(value)
+            dotted = f"{prefix}{key}"
+            deep = (dotted in self.sections or dotted in into) and isinstance(value, Mapping) \
+                and isinstance(out.get(key), dict)
+            out[key] = self.merge(out[key], value, dotted + ".", into) if deep else copy.deepcopy(value)
         return out
 
     def read_file(self, path: Path, chain: tuple[Path, ...] = ()) -> dict:
@@ -297,11 +324,16 @@ class Schema:
         return value
 
     def layers(self, defaults: Mapping, path: str | os.PathLike | None, overrides: Iterable[str]) -> dict:
-        """Defaults <- the file (with its ``_base_`` chain) <- the overrides in order; every bad override reported."""
+        """Defaults <- the file (with its ``_base_`` chain) <- the overrides in order; every bad override reported.
+
+        A :func:`spread` key is one value (a file or ``key={...}`` replaces it whole), but an override of a key
+        below it (``key.sub=value``) sets that one and keeps the others."""
         data, errors = self.merge(defaults, self.read_file(Path(path)) if path is not None else {}), []
         for text in [overrides] if isinstance(overrides, str) else overrides:
+            key = text.partition("=")[0].strip()   # merging.<method>.<key>=v sets one key, keeping the others
             try:
-                data = self.merge(data, self.parse_override(text))
+                data = self.merge(data, self.parse_override(text), into=[k for k in self.spread_keys()
+                                                                         if key.startswith(k + ".")])
             except ConfigError as e:
                 errors += e.errors
         if errors:
@@ -309,10 +341,16 @@ class Schema:
         return data
 
     def build(self, data: Mapping, cls: type | None = None, prefix: str = "") -> Any:
-        """The dataclass of checked data; ints given for float keys become floats."""
-        values = {}
+        """The dataclass of checked data; ints given for float keys become floats; a section's :func:`spread`
+        keys go to its spread field."""
+        values, spread = {}, self.spreads.get(prefix)
+        if spread is not None:
+            values[spread[0]] = {}
         for name, value in data.items():
             key = prefix + name
+            if spread is not None and key not in self.keys:
+                values[spread[0]][name] = copy.deepcopy(value)
+                continue
             kind = self.kind(key)[0] if key in self.leaves and value is not None else None
             values[name] = (self.build(value, self.sections[key], key + ".") if key in self.sections else float(value)
                             if kind is float else [float(v) for v in value] if kind == list[float] else value)

@@ -68,26 +68,26 @@ MERGING_LABELS: dict[str, str] = {
 # low (blocks 3, 6, 9) 8.739 G = ToMe low -0.9 %; high (blocks 0, 3, 7) 5.075 G = ToMe high -0.4 %.
 # DiffRate: every layer after the first keeps a geometric share of the patches (196·ρ^l; ρ = 0.854 low, 0.676
 # high), two thirds of each layer's reduction merged and one third pruned, and the last layer keeps 4 (only the
-# class token is read after it); models/diffrate.md. A search (merging.options.search) replaces them.
+# class token is read after it); models/diffrate.md. A search (merging.diffrate.search) replaces them.
 # ToFu: ToMe's own low / high schedules (same matching and clamp, so the same tokens per layer and FLOPs), blocks
 # 0-5 pruning and 6-11 merging with MLERP (models/README.md §10).
 # DTEM merges as ToMe does in evaluation, with ToMe's schedules; only its embedding (768 -> 64 per merging layer) adds
 # multiply-adds: fvcore, explicit attention: low 8.880 G = ToMe low +0.7 %; high 5.138 G = ToMe high +0.8 %.
-_DTEM = {"merging.pyra": False, "merging.options": {"embed_dim": None, "top_k": 3, "tau1": 0.1, "tau2": 0.1}}
+_DTEM = {"merging.pyra": False, "merging.dtem": {"embed_dim": None, "top_k": 3, "tau1": 0.1, "tau2": 0.1}}
 # PiToMe: the official keep ratio (each block keeps ⌊ρ·T⌋ of its T patch tokens; models.pitome.pitome_schedule),
 # ρ = 0.875 low, 0.76 high; official margins, ELU alpha and layer kinds; attention without sizes, as the official
 # ViT code. fvcore, explicit attention, ViT-B/16 + LoRA 8, 100 classes: low 8.835 G = ToMe low +0.2 %; high
 # 5.148 G = ToMe high +1.0 %.
-_FPET = {"merging.pyra": False, "merging.options": {"refine_dim": 32, "refine_bits": 1, "refine_dropout": 0.1}}
+_FPET = {"merging.pyra": False, "merging.fpet": {"refine_dim": 32, "refine_bits": 1, "refine_dropout": 0.1}}
 _PITOME = {"merging.pyra": False, "merging.prop_attn": False,
-           "merging.options": {"margin": 0.75, "alpha": 1.0, "bipartite_layers": "first_half"}}
-_TOFU = {"merging.pyra": False, "merging.options": {"merge_from": 6, "mlerp": True}}
+           "merging.pitome": {"margin": 0.75, "alpha": 1.0, "bipartite_layers": "first_half"}}
+_TOFU = {"merging.pyra": False, "merging.tofu": {"merge_from": 6, "mlerp": True}}
 REDUCTION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "diffrate": {
-        "low": {"merging.method": "diffrate", "merging.options": {
+        "low": {"merging.method": "diffrate", "merging.diffrate": {
             "prune_kept": [196, 177, 151, 129, 110, 94, 80, 69, 58, 50, 42, 4],
             "merge_kept": [196, 167, 143, 122, 104, 89, 76, 65, 55, 47, 40, 4]}},
-        "high": {"merging.method": "diffrate", "merging.options": {
+        "high": {"merging.method": "diffrate", "merging.diffrate": {
             "prune_kept": [196, 153, 104, 71, 48, 32, 22, 15, 10, 7, 5, 4],
             "merge_kept": [196, 132, 90, 61, 41, 28, 19, 13, 9, 6, 4, 4]}},
     },

@@ -9,7 +9,7 @@ Each layer, after attention (formulas and the search protocol in models/diffrate
    its sources, and its size adds each source's size times its similarity (DiffRate's proportional-attention
    weight).
 
-``P`` and ``M`` are the same for every image. They are fixed (``merging.options.rates``: a file written by a
+``P`` and ``M`` are the same for every image. They are fixed (``merging.diffrate.rates``: a file written by a
 search, or ``prune_kept`` / ``merge_kept`` lists), or searched (``search: true``): each is the expectation of a
 learned distribution over candidate counts, rounded up with a straight-through gradient. During the search
 no token leaves the sequence: dropped tokens are masked out of later attention by a 0/1 mask that carries
@@ -107,7 +107,7 @@ def _read_rates(path: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DiffRateOptions:
-    """``merging.options`` of ``merging.method: diffrate``.
+    """``merging.diffrate``: the keys of ``merging.method: diffrate``.
 
     Counts are of unprotected tokens kept after a layer's pruning / merging (a merged token counts once);
     the official compression_rate.json counts the class token too (one more).
@@ -404,7 +404,7 @@ class DiffRate(TokenReduction):
             self._off = True
         else:
             raise ValueError(f"merging.r: layer {self.layer} of diffrate removes {planned} tokens by its counts "
-                             f"(merging.options); r can switch it off (0) or on ({planned}), not set {value}")
+                             f"(merging.diffrate); r can switch it off (0) or on ({planned}), not set {value}")
 
     @property
     def active(self) -> bool:
@@ -483,12 +483,12 @@ class DiffRate(TokenReduction):
         if not options.search:
             key = "rates" if options.rates is not None else "prune_kept"
             if len(options.prune_kept) != len(layers):
-                raise ValueError(f"merging.options.{key}: expected one count per layer ({len(layers)}), got "
+                raise ValueError(f"merging.diffrate.{key}: expected one count per layer ({len(layers)}), got "
                                  f"{len(options.prune_kept)}")
             searched = getattr(options, "source", {})
             shape = (searched.get("num_tokens", num_tokens), searched.get("protected", protected))
             if shape != (num_tokens, protected):
-                raise ValueError(f"merging.options.rates: {options.rates} was searched for {searched['num_tokens']} "
+                raise ValueError(f"merging.diffrate.rates: {options.rates} was searched for {searched['num_tokens']} "
                                  f"tokens ({searched['protected']} protected); this model has {num_tokens} "
                                  f"({protected} protected)")
         device = model.blocks[0].norm1.weight.device
@@ -518,7 +518,7 @@ class DiffRate(TokenReduction):
 
     @classmethod
     def learned_record(cls, layers: Sequence[DiffRate]) -> dict[str, dict[str, Any]] | None:
-        """After a search: its counts as ``diffrate_rates.json``, which ``merging.options.rates`` loads."""
+        """After a search: its counts as ``diffrate_rates.json``, which ``merging.diffrate.rates`` loads."""
         plan = layers[0]._plan
         if plan is None or not plan.options.search:
             return None

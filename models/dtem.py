@@ -41,7 +41,7 @@ def _positive(name: str, value: object, kind: type = float) -> None:
 
 @dataclass(frozen=True)
 class DTEMOptions:
-    """DTEM's own keys (``merging.options``); the defaults are the official code's (``train.py``'s arguments)."""
+    """DTEM's own keys (``merging.dtem``); the defaults are the official code's (``train.py``'s arguments)."""
 
     embed_dim: int | None = None   # width of the decoupled embedding (official feat_dim); None: the official rule
     top_k: int = 3                 # candidates each source keeps in the relaxation (official k2)

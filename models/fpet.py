@@ -35,7 +35,7 @@ _STD_EPS = 1e-5
 
 @dataclass(frozen=True)
 class FPETOptions:
-    """FPET's own keys (``merging.options``); the defaults are the official code's refinement adapter."""
+    """FPET's own keys (``merging.fpet``); the defaults are the official code's refinement adapter."""
 
     refine_dim: int = 32            # hidden width of the refinement adapter
     refine_bits: int = 1            # weight precision of the refinement adapter (REFINE_BITS)

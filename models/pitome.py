@@ -45,7 +45,7 @@ def _number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class PiToMeOptions:
-    """PiToMe's own keys (``merging.options``); the defaults are the official ViT/DeiT patch's."""
+    """PiToMe's own keys (``merging.pitome``); the defaults are the official ViT/DeiT patch's."""
 
     margin: float = 0.75                    # margin of the first block; block i of L uses margin·(1 − i/L)
     alpha: float = 1.0                      # ELU's alpha: the most a dissimilar pair lowers the energy

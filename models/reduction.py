@@ -2,8 +2,9 @@
 
 A block asks its ``reduction`` module what to do with the layer's tokens and gets back the new tokens,
 their sizes and the source map. A method is one module under ``models/`` with a :class:`TokenReduction`
-subclass, plus one entry in :data:`REDUCTION_METHODS` (``"name": "module:Class"``, imported when first
-used) or a :func:`register_reduction` call (a plugin, a test). The block knows no method:
+subclass, plus one entry in :data:`REDUCTION_METHODS` (in ``models/methods.py``, torch-free for config loading:
+``"name": "module:Class"``, imported when first used) or a :func:`register_reduction` call (a plugin, a test);
+its own keys are ``merging.<name>`` (its ``Options``, checked by :func:`check_options`). The block knows no method:
 
 - ``needs`` says what the attention must hand over besides the tokens (``"metric"``: the keys
   averaged over heads; ``"cls_attn"``: the class token's attention over the keys, averaged over heads;
@@ -36,6 +37,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from .methods import REDUCTION_METHODS  # name -> "module:Class" or the class (torch-free, for config loading)
+
 __all__ = ["TokenReduction", "NoOptions", "REDUCTION_METHODS", "DEFAULT_METHOD", "ATTENTION_OUTPUTS",
            "register_reduction", "get_reduction", "build_reduction", "clamp_schedule", "check_options",
            "MODEL_CONTEXT", "setup_reductions", "auxiliary_loss", "learned_records"]
@@ -53,7 +56,7 @@ Tokens = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]   # (x, s
 
 @dataclass(frozen=True)
 class NoOptions:  # a method's Options is a frozen dataclass; its __post_init__ raises "<key>: expected ..."
-    """A method without keys of its own (``merging.options`` must then stay empty)."""
+    """A method without keys of its own (``merging.<method>`` must then stay empty)."""
 
 
 class TokenReduction(nn.Module):
@@ -119,19 +122,9 @@ class TokenReduction(nn.Module):
         return None
 
 
-# name -> "module:Class" (imported when first used) or the class itself (register_reduction).
-REDUCTION_METHODS: dict[str, str | type[TokenReduction]] = {
-    "tome": "models.tome:ToMe",
-    "fpet": "models.fpet:FPET",
-    "diffrate": "models.diffrate:DiffRate",
-    "dtem": "models.dtem:DTEM",
-    "pitome": "models.pitome:PiToMe",
-    "tofu": "models.tofu:ToFu",
-}
-
-
 def register_reduction(name: str, cls: type[TokenReduction] | None = None):
-    """Add a method under ``name`` (also usable as a class decorator); selectable as ``merging.method: name``."""
+    """Add a method under ``name`` (also usable as a class decorator); selectable as ``merging.method: name``, its
+    keys given as ``merging.<name>``."""
     def add(cls: type[TokenReduction]) -> type[TokenReduction]:
         if not (isinstance(cls, type) and issubclass(cls, TokenReduction)):
             raise TypeError(f"a reduction method must subclass TokenReduction, got {cls!r}")
@@ -160,18 +153,19 @@ def get_reduction(name: str) -> type[TokenReduction]:
 
 
 def check_options(method: str, options: Mapping[str, Any] | None) -> Any:
-    """The method's ``Options`` from a mapping (``merging.options``); unknown keys name the key and the valid ones."""
+    """The method's ``Options`` from a mapping (``merging.<method>``); an error names ``merging.<method>.<key>``
+    (an unknown key: with the valid ones)."""
     cls = get_reduction(method).Options
     given = dict(options or {})
     valid = [f.name for f in fields(cls)]
     unknown = [k for k in given if k not in valid]
     if unknown:
         expected = ", ".join(valid) if valid else "none (this method has no keys of its own)"
-        raise ValueError(f"merging.options.{unknown[0]}: unknown key of method {method!r}; expected {expected}")
+        raise ValueError(f"merging.{method}.{unknown[0]}: unknown key of method {method!r}; expected {expected}")
     try:
         return cls(**given)
     except (ValueError, TypeError) as e:   # an Options' own check: "<key>: expected ..., got ..."
-        raise ValueError(f"merging.options.{e}") from None
+        raise ValueError(f"merging.{method}.{e}") from None
 
 
 def build_reduction(method: str, r: int, protected: int, dim: int, layer: int | None = None,

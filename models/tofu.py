@@ -30,7 +30,7 @@ _NORM_EPS = 1e-12   # an average of opposite vectors has no direction: it stays 
 
 @dataclass(frozen=True)
 class ToFuOptions:
-    """ToFu's own keys (``merging.options``).
+    """ToFu's own keys (``merging.tofu``).
 
     ``merge_from``: the first block (0-based) that merges; blocks before it prune. None: half the depth (block 6
     of ViT-B/16), the half-and-half split of the public re-implementation; the paper's own split could not be
@@ -100,7 +100,7 @@ class ToFu(TokenReduction):
         if merge_from is None:
             merge_from = self.depth // 2
         elif merge_from > self.depth:
-            raise ValueError(f"merging.options.merge_from: expected a block index of the {self.depth}-block model "
+            raise ValueError(f"merging.tofu.merge_from: expected a block index of the {self.depth}-block model "
                              f"(0..{self.depth}; {self.depth} prunes everywhere), got {merge_from}")
         self.merge_from = merge_from
         self.prunes = layer is not None and layer < merge_from

@@ -565,7 +565,7 @@ def create_model(
     own = setup_reductions(model)   # a method that sets its own per-layer counts (DiffRate): they are the schedule
     if own is not None:
         if merging is not None and requested != own:
-            raise ValueError(f"merging.r: method {method!r} sets its own per-layer counts (merging.options), which "
+            raise ValueError(f"merging.r: method {method!r} sets its own per-layer counts (merging.{method}), which "
                              f"remove {own}; leave merging.r null (got {merging!r})")
         requested = own
     schedule = effective_schedule(model, requested)

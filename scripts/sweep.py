@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from data.vtab_splits import VTAB_GROUPS, canonical_task  # noqa: E402
-from lib.config import ConfigError, config_to_dict  # noqa: E402
+from lib.config import ConfigError, config_to_dict, current_form  # noqa: E402
 from lib.config import load_config as _load_config  # noqa: E402
 
 
@@ -241,7 +241,7 @@ class Sweep:
             self.config, self._overrides(self.points[index], splits, seed, task, self.experiment_of(stage, index)))))
         # The config as given (final.json); config.yaml holds resolved values (ranks, per-layer r lists).
         try:
-            got = _flat(final["config"] if "config" in final else config_to_dict(load_config(saved)))
+            got = _flat(current_form(final["config"]) if "config" in final else config_to_dict(load_config(saved)))
         except ConfigError as e:
             raise SweepError(f"{saved}: unreadable saved config ({e})") from e
         keys = {o.partition("=")[0] for o in self.overrides} | set(self.points[index]) | {

@@ -238,7 +238,7 @@ def test_reduction_methods_are_settings_timed_and_counted_like_tome(tmp_path):
         for level, overrides in levels.items():
             cfg = bench.load_setting_config(args, f"{method}_{level}")
             assert cfg.merging.method == method and f"{method}_{level}" in bench.SETTINGS
-            assert cfg.merging.options == overrides.get("merging.options", {})
+            assert cfg.merging.method_options == overrides.get(f"merging.{method}", {})
     assert bench._settings(None) == list(MERGING_SETTINGS)   # the default rows stay the paper's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # 64 px: the schedules are clamped to the 17 tokens

@@ -604,3 +604,78 @@ def test_resolved_config_of_a_named_backbone(tmp_path):
         spec.depth, spec.embed_dim, spec.num_heads, spec.patch_size)
     text = (tmp_path / "config.yaml").read_text()
     assert "dim: null" not in text and "r: high" not in text and f"r: {model.r}".replace("'", "") in text
+
+
+# ------------------------------------------------------------------------------ a method's keys: merging.<method>
+DEMO = CONFIGS / "demo/digits_random.yaml"
+
+
+def test_an_override_of_a_method_key_reaches_the_model():
+    """merging.diffrate.search=true (keys given one by one merge into the method's mapping) builds a searching
+    DiffRate."""
+    cfg = load_config(DEMO, ["merging.method=diffrate", "merging.r=null", "merging.pyra=false",
+                             "merging.diffrate.search=true", "merging.diffrate.target_flops=2e6"])
+    assert cfg.merging.diffrate == cfg.merging.method_options == {"search": True, "target_flops": 2e6}
+    model = build_model(cfg, num_classes=10, pretrained=False)
+    assert [type(b.reduction).__name__ for b in model.blocks] == ["DiffRate", "DiffRate"]
+    assert all(b.reduction.options.search and b.reduction.options.target_flops == 2e6 for b in model.blocks)
+
+
+def test_an_unknown_or_bad_key_of_a_method_names_merging_method_key():
+    fpet = CONFIGS / "vit_b16/lora_fpet_low.yaml"
+    with pytest.raises(ConfigError, match=r"merging\.fpet\.refine_dm: unknown key of method 'fpet'; expected "
+                                          r"refine_dim, refine_bits, refine_dropout"):
+        load_config(fpet, ["merging.fpet.refine_dm=4"])
+    with pytest.raises(ConfigError, match=r"merging\.fpet\.refine_dm: unknown key of method 'fpet'"):
+        load_config(DEMO, ["merging.fpet={refine_dm: 4}"])          # checked although ToMe is the method
+    with pytest.raises(ConfigError, match=r"unknown key 'merging\.fpte'; did you mean merging\.fpet\?"):
+        load_config(DEMO, ["merging.fpte.refine_dim=4"])
+    with pytest.raises(ConfigError, match=r"merging\.fpet: expected a mapping of the keys of method 'fpet', got 4"):
+        load_config(DEMO, ["merging.fpet=4"])
+    with pytest.raises(ConfigError, match=r"merging\.tome\.k: unknown key of method 'tome'; expected none"):
+        load_config(DEMO, ["merging.tome.k=1"])
+    assert load_config(fpet, ["merging.fpet.refine_dim=16"]).merging.fpet == {
+        "refine_dim": 16, "refine_bits": 1, "refine_dropout": 0.1}      # one key replaced, the others kept
+    assert load_config(fpet, ["merging.fpet={refine_dim: 16}"]).merging.fpet == {"refine_dim": 16}   # the whole
+
+
+def test_a_config_with_two_methods_keys_switches_by_merging_method(tmp_path):
+    both = write(tmp_path / "both.yaml", f"_base_: [{DEMO}]\nmerging:\n  method: tofu\n  pyra: false\n"
+                 "  tofu: {merge_from: 1, mlerp: false}\n  pitome: {margin: 0.5, alpha: 2.0}\n")
+    tofu, pitome = load_config(both), load_config(both, ["merging.method=pitome"])
+    assert tofu.merging.method_options == {"merge_from": 1, "mlerp": False}
+    assert pitome.merging.method_options == {"margin": 0.5, "alpha": 2.0}
+    model = build_model(tofu, num_classes=10, pretrained=False)
+    assert [(type(b.reduction).__name__, b.reduction.merge_from, b.reduction.options.mlerp) for b in model.blocks] \
+        == [("ToFu", 1, False)] * 2
+    model = build_model(pitome, num_classes=10, pretrained=False)
+    assert [(type(b.reduction).__name__, b.reduction.options.margin) for b in model.blocks] == [("PiToMe", 0.5)] * 2
+    save_config(pitome, tmp_path / "config.yaml")                    # both kept, in the saved config too
+    assert load_config(tmp_path / "config.yaml").merging.methods == {"tofu": {"merge_from": 1, "mlerp": False},
+                                                                      "pitome": {"margin": 0.5, "alpha": 2.0}}
+    with pytest.raises(ConfigError, match=r"merging\.pitome\.margn: unknown key of method 'pitome'"):
+        load_config(both, ["merging.pitome.margn=0.5"])               # the other method's keys are checked too
+    with pytest.raises(ConfigError, match=r"merging\.pitome\.margin: expected a number in \[-1, 1\]"):
+        load_config(both, ["merging.pitome.margin=3"])
+
+
+def test_the_earlier_merging_options_spelling_loads_as_the_selected_methods_keys(tmp_path):
+    """merging.options (config.yaml of runs made by earlier versions) is read as merging.<method>; the saved
+    config writes merging.<method>; giving both differently is an error naming both."""
+    old = write(tmp_path / "old.yaml", f"_base_: [{DEMO}]\nmerging:\n  method: tofu\n  pyra: false\n"
+                "  options: {merge_from: 1, mlerp: true}\n")
+    cfg = load_config(old)
+    assert cfg.merging.tofu == cfg.merging.method_options == {"merge_from": 1, "mlerp": True}
+    assert "options" not in config_to_dict(cfg)["merging"] and cfg.merging.methods == {"tofu": cfg.merging.tofu}
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["merging"]
+    assert "options" not in saved and saved["tofu"] == {"merge_from": 1, "mlerp": True}
+    assert list(saved)[:3] == ["r", "method", "tofu"]                 # beside the method it belongs to
+    assert config_to_dict(load_config(tmp_path / "config.yaml"))["merging"] == config_to_dict(cfg)["merging"]
+    assert load_config(old, ["merging.tofu={merge_from: 1, mlerp: true}"]).merging.tofu == cfg.merging.tofu
+    with pytest.raises(ConfigError, match=r"merging\.options and merging\.tofu both give the keys of method 'tofu' "
+                                          r"and differ"):
+        load_config(old, ["merging.tofu.merge_from=0"])
+    with pytest.raises(ConfigError, match=r"merging\.tome\.k: unknown key of method 'tome'; expected none"):
+        load_config(DEMO, ["merging.options={k: 1}"])                 # read as the keys of the selected tome
+    validate_config({**copy.deepcopy(DEFAULTS), "merging": {**DEFAULTS["merging"], "options": {}}})

@@ -266,26 +266,26 @@ def test_eval_model_compiles_in_one_graph_and_exports():
 # --- config errors -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, key", [
-    ({"bogus": 1}, "merging.options.bogus: unknown key of method 'diffrate'"),
-    ({}, "merging.options.rates: expected the counts"),
-    ({"search": True}, "merging.options.target_flops: expected the multiply-adds"),
-    ({"search": True, "target_flops": -5}, "merging.options.target_flops: expected a positive number"),
-    ({"search": "yes", "target_flops": 1e9}, "merging.options.search: expected true or false"),
-    ({"search": True, "target_flops": 1e9, "granularity": 0}, "merging.options.granularity: expected an integer"),
-    ({"search": True, "target_flops": 1e9, "prune_kept": [4]}, "merging.options.prune_kept: a search learns"),
-    ({"target_flops": 1e9, "rates": "r.json"}, "merging.options.target_flops: only a search"),
-    ({"prune_kept": [3, 2]}, "merging.options.merge_kept: expected the counts"),
-    ({"prune_kept": [3, 0], "merge_kept": [1, 1]}, "merging.options.prune_kept: expected a per-layer list"),
-    ({"prune_kept": [3, 2], "merge_kept": [1]}, "merging.options.merge_kept: expected one count per layer"),
-    ({"rates": "/no/such/rates.json"}, "merging.options.rates: expected a rates file written by a search"),
+    ({"bogus": 1}, "merging.diffrate.bogus: unknown key of method 'diffrate'"),
+    ({}, "merging.diffrate.rates: expected the counts"),
+    ({"search": True}, "merging.diffrate.target_flops: expected the multiply-adds"),
+    ({"search": True, "target_flops": -5}, "merging.diffrate.target_flops: expected a positive number"),
+    ({"search": "yes", "target_flops": 1e9}, "merging.diffrate.search: expected true or false"),
+    ({"search": True, "target_flops": 1e9, "granularity": 0}, "merging.diffrate.granularity: expected an integer"),
+    ({"search": True, "target_flops": 1e9, "prune_kept": [4]}, "merging.diffrate.prune_kept: a search learns"),
+    ({"target_flops": 1e9, "rates": "r.json"}, "merging.diffrate.target_flops: only a search"),
+    ({"prune_kept": [3, 2]}, "merging.diffrate.merge_kept: expected the counts"),
+    ({"prune_kept": [3, 0], "merge_kept": [1, 1]}, "merging.diffrate.prune_kept: expected a per-layer list"),
+    ({"prune_kept": [3, 2], "merge_kept": [1]}, "merging.diffrate.merge_kept: expected one count per layer"),
+    ({"rates": "/no/such/rates.json"}, "merging.diffrate.rates: expected a rates file written by a search"),
 ])
 def test_bad_options_are_config_errors_naming_the_key(options, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
-        load_config(None, ["merging.method=diffrate", f"merging.options={json.dumps(options)}"])
+        load_config(None, ["merging.method=diffrate", f"merging.diffrate={json.dumps(options)}"])
 
 
 def test_build_errors_name_the_key(tmp_path):
-    with pytest.raises(ValueError, match=r"merging.options.prune_kept: expected one count per layer \(4\), got 3"):
+    with pytest.raises(ValueError, match=r"merging.diffrate.prune_kept: expected one count per layer \(4\), got 3"):
         tiny({"prune_kept": [9, 9, 9], "merge_kept": [9, 9, 9]})
     with pytest.raises(ValueError, match="merging.r: method 'diffrate' sets its own per-layer counts"):
         tiny(FIXED, merging=8)
@@ -295,7 +295,7 @@ def test_build_errors_name_the_key(tmp_path):
     rates = tmp_path / "rates.json"
     rates.write_text(json.dumps({"method": "diffrate", "num_tokens": 197, "protected": 1, "prune_kept": [9] * 4,
                                  "merge_kept": [9] * 4}))
-    with pytest.raises(ValueError, match=r"merging.options.rates: .* was searched for 197 tokens \(1 protected\); "
+    with pytest.raises(ValueError, match=r"merging.diffrate.rates: .* was searched for 197 tokens \(1 protected\); "
                                          r"this model has 65"):
         tiny({"rates": str(rates)})
 
@@ -325,18 +325,18 @@ def test_search_then_peft_with_the_searched_rates_from_yaml(digits_root, tmp_pat
 
     search = tmp_path / "search.yaml"
     search.write_text(base + "merging:\n  r: null\n  pyra: false\n  method: diffrate\n"
-                      "  options: {search: true, target_flops: 2.0e+6, granularity: 2}\n")
+                      "  diffrate: {search: true, target_flops: 2.0e+6, granularity: 2}\n")
     run = train_run(search, tmp_path / "phase1", digits_root, f"model.adapted={adapted_file}", "optim.lr=0.05")
     rates = json.loads((run / "diffrate_rates.json").read_text())
     assert rates["method"] == "diffrate" and rates["num_tokens"] == 17 and len(rates["prune_kept"]) == 2
     checkpoint = torch.load(run / "last.pth", weights_only=True)
     assert sorted(checkpoint["model"]) == ["blocks.1.reduction.merge_logits", "blocks.1.reduction.prune_logits"]
     assert "loaded" in (run / "train.log").read_text() and str(adapted_file) in (run / "train.log").read_text()
-    assert load_config(run / "config.yaml").merging.options["search"] is True
+    assert load_config(run / "config.yaml").merging.diffrate["search"] is True
 
     fixed = tmp_path / "fixed.yaml"
     fixed.write_text(base + f"merging:\n  r: null\n  pyra: false\n  method: diffrate\n"
-                     f"  options: {{rates: {run / 'diffrate_rates.json'}}}\n")
+                     f"  diffrate: {{rates: {run / 'diffrate_rates.json'}}}\n")
     run2 = train_run(fixed, tmp_path / "phase2", digits_root)
     efficiency = json.loads((run2 / "efficiency.json").read_text())
     assert efficiency["tokens_per_layer"] == rates["tokens_per_layer"]

@@ -281,8 +281,8 @@ def test_generated_configs_cost_what_tome_costs(explicit_attention):
     for level, cfg in cfgs.items():
         setting = REDUCTION_SETTINGS["dtem"][level]
         assert cfg.merging.method == "dtem" and cfg.merging.r == level
-        assert cfg.merging.options == setting["merging.options"]
-        assert check_options("dtem", cfg.merging.options) == DTEMOptions()
+        assert cfg.merging.dtem == setting["merging.dtem"]
+        assert check_options("dtem", cfg.merging.dtem) == DTEMOptions()
         plain = {k: v for k, v in to_dict(cfg).items() if k not in ("experiment", "config_path")}
         low = {k: v for k, v in to_dict(cfgs["low"]).items() if k not in ("experiment", "config_path")}
         assert plain == {**low, "merging": {**low["merging"], "r": level}}
@@ -306,22 +306,22 @@ def test_generated_configs_cost_what_tome_costs(explicit_attention):
 
 
 def test_bad_keys_are_config_errors_naming_the_key():
-    with pytest.raises(ValueError, match=r"^merging\.options\.k2: unknown key of method 'dtem'; "
+    with pytest.raises(ValueError, match=r"^merging\.dtem\.k2: unknown key of method 'dtem'; "
                                          r"expected embed_dim, top_k, tau1, tau2$"):
         check_options("dtem", {"k2": 3})
     for key, value, expected in (("top_k", 0, "expected an integer >= 1, got 0"),
                                  ("embed_dim", 1.5, "expected an integer >= 1, got 1.5"),
                                  ("tau1", 0, "expected a number > 0, got 0"),
                                  ("tau2", True, "expected a number > 0, got True")):
-        with pytest.raises(ConfigError, match=rf"merging\.options\.{key}: {expected}"):
-            load_config(REPO / "configs" / "vit_b16" / "lora_dtem_low.yaml", [f"merging.options.{key}={value}"])
+        with pytest.raises(ConfigError, match=rf"merging\.dtem\.{key}: {expected}"):
+            load_config(REPO / "configs" / "vit_b16" / "lora_dtem_low.yaml", [f"merging.dtem.{key}={value}"])
 
 
 def test_demo_pipeline_trains_one_epoch_with_dtem_from_yaml(digits_root, tmp_path):
     config = tmp_path / "dtem.yaml"
     config.write_text(f"_base_: [{REPO / 'configs/demo/digits_random.yaml'}]\n"
                       "merging:\n  method: dtem\n  r: [4, 2]\n  pyra: false\n"
-                      "  options: {embed_dim: 8, top_k: 3, tau1: 0.1, tau2: 0.1}\n")
+                      "  dtem: {embed_dim: 8, top_k: 3, tau1: 0.1, tau2: 0.1}\n")
     args = ["--config", str(config), f"data.root={digits_root}", "data.task=digits", f"output_dir={tmp_path}",
             "experiment=t", "model.name=vit", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
             "model.depth=2", "model.num_heads=2", "data.num_workers=0", "train.batch_size=20",
@@ -341,6 +341,6 @@ def test_demo_pipeline_trains_one_epoch_with_dtem_from_yaml(digits_root, tmp_pat
     assert {k for k in saved_keys if ".reduction." in k} == {f"blocks.{i}.reduction.embed.{w}" for i in (0, 1)
                                                              for w in ("weight", "bias")}   # the embedding is saved
     saved = load_config(run / "config.yaml")
-    assert saved.merging.method == "dtem" and saved.merging.r == [4, 2] and saved.merging.options["embed_dim"] == 8
+    assert saved.merging.method == "dtem" and saved.merging.r == [4, 2] and saved.merging.dtem["embed_dim"] == 8
     rows = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["train_loss"] == rows[0]["train_loss"]   # one epoch, a finite loss

@@ -257,21 +257,21 @@ def test_generated_configs_hold_the_settings(level):
     cfg = load_config(REPO / "configs" / "vit_b16" / f"lora_fpet_{level}.yaml")
     setting = REDUCTION_SETTINGS["fpet"][level]
     assert cfg.merging.method == "fpet" and cfg.merging.r == setting["merging.r"]
-    assert cfg.merging.options == setting["merging.options"] and isinstance(cfg.merging.options["refine_dropout"],
+    assert cfg.merging.fpet == setting["merging.fpet"] and isinstance(cfg.merging.fpet["refine_dropout"],
                                                                               float)
-    assert check_options("fpet", cfg.merging.options) == FPETOptions()
+    assert check_options("fpet", cfg.merging.fpet) == FPETOptions()
 
 
 def test_bad_keys_are_config_errors_naming_the_key():
-    with pytest.raises(ValueError, match=r"^merging\.options\.refine_dm: unknown key of method 'fpet'; "
+    with pytest.raises(ValueError, match=r"^merging\.fpet\.refine_dm: unknown key of method 'fpet'; "
                                          r"expected refine_dim, refine_bits, refine_dropout$"):
         check_options("fpet", {"refine_dm": 4})
     for key, value, expected in (("refine_bits", 2, "expected one of 1, 32, got 2"),
                                  ("refine_dim", 0, "expected an integer >= 1, got 0"),
                                  ("refine_dim", True, "expected an integer >= 1, got True"),
                                  ("refine_dropout", 1.0, r"expected a number in \[0, 1\), got 1.0")):
-        with pytest.raises(ConfigError, match=rf"merging\.options\.{key}: {expected}"):
-            load_config(REPO / "configs" / "vit_b16" / "lora_fpet_low.yaml", [f"merging.options.{key}={value}"])
+        with pytest.raises(ConfigError, match=rf"merging\.fpet\.{key}: {expected}"):
+            load_config(REPO / "configs" / "vit_b16" / "lora_fpet_low.yaml", [f"merging.fpet.{key}={value}"])
     with pytest.raises(ValueError, match=r"merging\.r: layer 0 asks FPET to merge 16 tokens, but an FPET layer "
                                          r"merges the whole checkerboard half of its 64 patch tokens: set r to 32"):
         tiny([16, 0, 0])
@@ -283,7 +283,7 @@ def test_demo_pipeline_trains_one_epoch_with_fpet_from_yaml(digits_root, tmp_pat
     config = tmp_path / "fpet.yaml"
     config.write_text(f"_base_: [{REPO / 'configs/demo/digits_random.yaml'}]\n"
                       "merging:\n  method: fpet\n  r: [8, 4]\n  pyra: false\n"
-                      "  options: {refine_dim: 8, refine_bits: 1, refine_dropout: 0.1}\n")
+                      "  fpet: {refine_dim: 8, refine_bits: 1, refine_dropout: 0.1}\n")
     args = ["--config", str(config), f"data.root={digits_root}", "data.task=digits", f"output_dir={tmp_path}",
             "experiment=t", "model.name=vit", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
             "model.depth=2", "model.num_heads=2", "data.num_workers=0", "train.batch_size=20",
@@ -298,6 +298,6 @@ def test_demo_pipeline_trains_one_epoch_with_fpet_from_yaml(digits_root, tmp_pat
     run = tmp_path / "t" / "digits" / "seed0"
     assert json.loads((run / "efficiency.json").read_text())["tokens_per_layer"] == [17, 9, 5]
     saved = load_config(run / "config.yaml")
-    assert saved.merging.method == "fpet" and saved.merging.r == [8, 4] and saved.merging.options["refine_dim"] == 8
+    assert saved.merging.method == "fpet" and saved.merging.r == [8, 4] and saved.merging.fpet["refine_dim"] == 8
     rows = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["train_loss"] == rows[0]["train_loss"]   # one epoch, a finite loss

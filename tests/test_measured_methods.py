@@ -21,7 +21,7 @@ TINY = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.
 METHODS = {"fpet": ["merging.method=fpet", "merging.r=[8, 0]"],            # half of the 16 patches, in block 0
            "dtem": ["merging.method=dtem", "merging.r=[4, 2]"],
            "diffrate": ["merging.method=diffrate", "merging.r=null",
-                        "merging.options={prune_kept: [16, 10], merge_kept: [16, 6]}"]}
+                        "merging.diffrate={prune_kept: [16, 10], merge_kept: [16, 6]}"]}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -229,7 +229,7 @@ def test_generated_configs_cost_what_tome_costs(level, tome, measured, explicit_
     setting = REDUCTION_SETTINGS["pitome"][level]
     assert cfg.merging.method == "pitome" and cfg.merging.r == setting["merging.r"]
     assert cfg.merging.prop_attn is False and cfg.merging.pyra is False
-    assert check_options("pitome", cfg.merging.options) == PiToMeOptions()
+    assert check_options("pitome", cfg.merging.pitome) == PiToMeOptions()
     with torch.device("meta"):                     # no weight init: fvcore needs only shapes, and zeros are enough
         model = build_model(cfg, num_classes=100, pretrained=False)
     model = model.to_empty(device="cpu")
@@ -241,15 +241,15 @@ def test_generated_configs_cost_what_tome_costs(level, tome, measured, explicit_
 
 
 def test_bad_keys_are_config_errors_naming_the_key():
-    with pytest.raises(ValueError, match=r"^merging\.options\.margn: unknown key of method 'pitome'; "
+    with pytest.raises(ValueError, match=r"^merging\.pitome\.margn: unknown key of method 'pitome'; "
                                          r"expected margin, alpha, bipartite_layers$"):
         check_options("pitome", {"margn": 0.5})
     for key, value, expected in (("margin", 1.5, r"expected a number in \[-1, 1\]"),
                                  ("margin", True, r"expected a number in \[-1, 1\]"),
                                  ("alpha", -1.0, "expected a number >= 0, got -1.0"),
                                  ("bipartite_layers", "half", "expected one of first_half, second_half, all, none")):
-        with pytest.raises(ConfigError, match=rf"merging\.options\.{key}: {expected}"):
-            load_config(REPO / "configs" / "vit_b16" / "lora_pitome_low.yaml", [f"merging.options.{key}={value}"])
+        with pytest.raises(ConfigError, match=rf"merging\.pitome\.{key}: {expected}"):
+            load_config(REPO / "configs" / "vit_b16" / "lora_pitome_low.yaml", [f"merging.pitome.{key}={value}"])
     with pytest.raises(ValueError, match="'pitome' is built knowing the model's depth"):
         build_reduction("pitome", 8, 1, 16)
     with pytest.raises(ValueError, match=r"ratio: expected a keep ratio in \[0.5, 1\]"):
@@ -260,7 +260,7 @@ def test_demo_pipeline_trains_one_epoch_with_pitome_from_yaml(digits_root, tmp_p
     config = tmp_path / "pitome.yaml"
     config.write_text(f"_base_: [{REPO / 'configs/demo/digits_random.yaml'}]\n"
                       "merging:\n  method: pitome\n  r: [6, 4]\n  pyra: true\n  prop_attn: false\n"
-                      "  options: {margin: 0.75, alpha: 1.0, bipartite_layers: first_half}\n")
+                      "  pitome: {margin: 0.75, alpha: 1.0, bipartite_layers: first_half}\n")
     args = ["--config", str(config), f"data.root={digits_root}", "data.task=digits", f"output_dir={tmp_path}",
             "experiment=t", "model.name=vit", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
             "model.depth=2", "model.num_heads=2", "data.num_workers=0", "train.batch_size=20",
@@ -275,6 +275,6 @@ def test_demo_pipeline_trains_one_epoch_with_pitome_from_yaml(digits_root, tmp_p
     run = tmp_path / "t" / "digits" / "seed0"
     assert json.loads((run / "efficiency.json").read_text())["tokens_per_layer"] == [17, 11, 7]
     saved = load_config(run / "config.yaml")
-    assert saved.merging.method == "pitome" and saved.merging.r == [6, 4] and saved.merging.options["margin"] == 0.75
+    assert saved.merging.method == "pitome" and saved.merging.r == [6, 4] and saved.merging.pitome["margin"] == 0.75
     rows = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["train_loss"] == rows[0]["train_loss"]   # one epoch, a finite loss

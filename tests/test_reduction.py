@@ -209,8 +209,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(base, ["merging.method=tofu2"])
     with pytest.raises(ConfigError, match=r"merging\.pyra\.activation: expected one of sigmoid, none; got 'relu'"):
         load_config(base, ["merging.pyra={weights: token, activation: relu}"])
-    with pytest.raises(ConfigError, match=r"merging\.options\.k: unknown key of method 'tome'; expected none"):
-        load_config(base, ["merging.options={k: 1}"])
+    with pytest.raises(ConfigError, match=r"merging\.tome\.k: unknown key of method 'tome'; expected none"):
+        load_config(base, ["merging.tome={k: 1}"])
     with pytest.raises(ConfigError, match=r"merging\.pyra: PYRA needs token merging"):
         load_config(base, ["merging.r=null"])
 
@@ -262,7 +262,8 @@ def test_method_of_this_file_selected_from_yaml_trains_end_to_end(digits_root, t
     this test module first, with no change to the block or to any file of the project."""
     config = tmp_path / "prune.yaml"
     config.write_text(f"_base_: [{REPO / 'configs/demo/digits_random.yaml'}]\n"
-                      "merging:\n  method: test_cls_prune\n  r: [4, 2]\n  pyra: false\n  options: {keep_order: true}\n")
+                      "merging:\n  method: test_cls_prune\n  r: [4, 2]\n  pyra: false\n"
+                      "  test_cls_prune: {keep_order: true}\n")
     args = ["--config", str(config), f"data.root={digits_root}", "data.task=digits", f"output_dir={tmp_path}",
             "experiment=t", "model.name=vit", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
             "model.depth=2", "model.num_heads=2", "peft.type=full", "data.num_workers=0", "train.batch_size=20",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import eval as eval_script
 import train as train_script
@@ -80,6 +81,33 @@ def test_resume_with_another_recipe_is_refused_and_changes_no_file(root, killed_
         assert f"{key}: run {old}" in err.replace("'", "") and new in err, err
     assert "eval_batch_size" not in err                                 # cannot change results: may differ
     assert snapshot(run_folder(out)) == before
+
+
+def test_resuming_a_run_that_wrote_merging_options_is_the_same_recipe(root, tmp_path):
+    """A run of an earlier version wrote its method's keys as merging.options (checkpoint and config.yaml):
+    resumed from today's command line or from that config.yaml, it is no recipe change."""
+    tofu = ["merging.method=tofu", "merging.pyra=false", "merging.tofu={merge_from: 1, mlerp: true}"]
+    out = tmp_path / "out"
+    assert train_script.main(args(root, out, "train.epochs=2", *tofu)) == 0
+    run = run_folder(out)
+    (run / "final.json").unlink()
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    for key in ("config", "resolved_config"):                        # as an earlier version saved them
+        assert ckpt[key]["merging"]["tofu"] == {"merge_from": 1, "mlerp": True}
+        ckpt[key]["merging"] = {("options" if k == "tofu" else k): v for k, v in ckpt[key]["merging"].items()}
+    torch.save(ckpt, run / "last.pth")
+    text = (run / "config.yaml").read_text()
+    assert "  tofu:\n" in text and "options" not in text
+    (run / "config.yaml").write_text(text.replace("  tofu:\n", "  options:\n"))
+    other = copy_run(out, tmp_path / "other")
+    saved = tmp_path / "saved.yaml"
+    saved.write_text((run_folder(other) / "config.yaml").read_text().replace(str(out), str(other)))
+    assert train_script.main(args(root, out, "train.epochs=2", *tofu, "--resume", "auto")) == 0
+    assert train_script.main(["--config", str(saved), "--resume", "auto"]) == 0
+    for folder in (run, run_folder(other)):
+        assert (folder / "final.json").exists() and "config changed" not in (folder / "train.log").read_text()
+        assert yaml.safe_load((folder / "config.yaml").read_text())["merging"]["tofu"] == {"merge_from": 1,
+                                                                                           "mlerp": True}
 
 
 def test_allowed_config_change_is_recorded_and_uses_the_new_schedule(root, killed_run, tmp_path):

@@ -231,7 +231,7 @@ def test_generated_configs_cost_what_tome_costs(level, tome):
     cfg = load_config(REPO / f"configs/vit_b16/lora_tofu_{level}.yaml", ["model.pretrained="])
     setting = REDUCTION_SETTINGS["tofu"][level]
     assert cfg.merging.method == "tofu" and cfg.merging.r == level == setting["merging.r"]
-    assert cfg.merging.options == setting["merging.options"] == {"merge_from": 6, "mlerp": True}
+    assert cfg.merging.tofu == setting["merging.tofu"] == {"merge_from": 6, "mlerp": True}
     with torch.device("meta"):                                    # skip the slow random init
         model = build_model(cfg, num_classes=100, pretrained=False)
     model.to_empty(device="cpu")
@@ -242,17 +242,17 @@ def test_generated_configs_cost_what_tome_costs(level, tome):
 
 
 def test_bad_keys_are_config_errors_naming_the_key():
-    with pytest.raises(ValueError, match=r"^merging\.options\.merge_at: unknown key of method 'tofu'; "
+    with pytest.raises(ValueError, match=r"^merging\.tofu\.merge_at: unknown key of method 'tofu'; "
                                          r"expected merge_from, mlerp$"):
         check_options("tofu", {"merge_at": 4})
     for key, value, expected in (("merge_from", -1, "expected an integer >= 0 .a block index. or null, got -1"),
                                  ("merge_from", True, "expected an integer >= 0 .a block index. or null, got True"),
                                  ("merge_from", 2.5, "expected an integer >= 0 .a block index. or null, got 2.5"),
                                  ("mlerp", 1, "expected true or false, got 1")):
-        with pytest.raises(ConfigError, match=rf"merging\.options\.{key}: {expected}"):
-            load_config(REPO / "configs" / "vit_b16" / "lora_tofu_low.yaml", [f"merging.options.{key}={value}"])
+        with pytest.raises(ConfigError, match=rf"merging\.tofu\.{key}: {expected}"):
+            load_config(REPO / "configs" / "vit_b16" / "lora_tofu_low.yaml", [f"merging.tofu.{key}={value}"])
     assert check_options("tofu", {"merge_from": None}) == ToFuOptions()
-    with pytest.raises(ValueError, match=r"merging\.options\.merge_from: expected a block index of the 4-block "
+    with pytest.raises(ValueError, match=r"merging\.tofu\.merge_from: expected a block index of the 4-block "
                                          r"model \(0\.\.4; 4 prunes everywhere\), got 5"):
         tiny([8, 8, 8, 8], method_options={"merge_from": 5})
 
@@ -261,7 +261,7 @@ def test_demo_pipeline_trains_one_epoch_with_tofu_from_yaml(digits_root, tmp_pat
     config = tmp_path / "tofu.yaml"
     config.write_text(f"_base_: [{REPO / 'configs/demo/digits_random.yaml'}]\n"
                       "merging:\n  method: tofu\n  r: [4, 4]\n  pyra: false\n"
-                      "  options: {merge_from: 1, mlerp: true}\n")
+                      "  tofu: {merge_from: 1, mlerp: true}\n")
     args = ["--config", str(config), f"data.root={digits_root}", "data.task=digits", f"output_dir={tmp_path}",
             "experiment=t", "model.name=vit", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
             "model.depth=2", "model.num_heads=2", "data.num_workers=0", "train.batch_size=20",
@@ -276,7 +276,7 @@ def test_demo_pipeline_trains_one_epoch_with_tofu_from_yaml(digits_root, tmp_pat
     run = tmp_path / "t" / "digits" / "seed0"
     assert json.loads((run / "efficiency.json").read_text())["tokens_per_layer"] == [17, 13, 9]
     saved = load_config(run / "config.yaml")
-    assert saved.merging.method == "tofu" and saved.merging.r == [4, 4] and saved.merging.options["merge_from"] == 1
+    assert saved.merging.method == "tofu" and saved.merging.r == [4, 4] and saved.merging.tofu["merge_from"] == 1
     rows = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["train_loss"] == rows[0]["train_loss"]   # one epoch, a finite loss
 
