@@ -48,6 +48,41 @@ def digits_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def train_demo_epoch(digits_root, tmp_path) -> Callable[[str], Path]:
+    """Train a tiny custom ViT (16 px, patch 4, width 32, 2 blocks) on the digits for one epoch through
+    ``train.main``, the demo config plus a YAML ``merging:`` section; checks that one epoch logged a finite loss
+    and returns the run folder."""
+    import json
+
+    import torch
+
+    import train as train_script
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(merging_yaml: str) -> Path:
+        config = tmp_path / "method.yaml"
+        config.write_text(f"_base_: [{repo / 'configs/demo/digits_random.yaml'}]\n{merging_yaml}")
+        args = ["--config", str(config), f"data.root={digits_root}", "data.task=digits", f"output_dir={tmp_path}",
+                "experiment=t", "model.name=vit", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
+                "model.depth=2", "model.num_heads=2", "data.num_workers=0", "train.batch_size=20",
+                "train.epochs=1", "train.eval_interval=1", "sched.warmup_epochs=0",
+                "report.benchmark_batch=8", "report.benchmark_seconds=0.05"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)          # a tiny model: one thread is fastest, and the cores are shared
+        try:
+            assert train_script.main(args) == 0
+        finally:
+            torch.set_num_threads(threads)
+        folder = tmp_path / "t" / "digits" / "seed0"
+        rows = [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
+        assert len(rows) == 1 and rows[0]["train_loss"] == rows[0]["train_loss"]   # one epoch, a finite loss
+        return folder
+
+    return run
+
+
+@pytest.fixture
 def make_vtab_task() -> Callable[..., Path]:
     """Factory fixture around :func:`write_vtab_task`."""
     return write_vtab_task
