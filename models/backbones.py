@@ -49,11 +49,11 @@ SCHEDULES: dict[str, dict[str, list[int]]] = {
 # configs/generate.py writes configs/_base_/merging/<name>.yaml from them and scripts/benchmark.py
 # measures these rows; "none" is the unmerged model.
 MERGING_SETTINGS: dict[str, dict[str, Any]] = {
-    "none": {"merging.r": None, "merging.pyra": False},
-    "tome_low": {"merging.r": "low", "merging.pyra": False},
-    "tome_high": {"merging.r": "high", "merging.pyra": False},
-    "pyra_low": {"merging.r": "low", "merging.pyra": True},
-    "pyra_high": {"merging.r": "high", "merging.pyra": True},
+    "none": {"merging.method": "tome", "merging.r": None, "merging.pyra": False},   # from any base config
+    "tome_low": {"merging.method": "tome", "merging.r": "low", "merging.pyra": False},
+    "tome_high": {"merging.method": "tome", "merging.r": "high", "merging.pyra": False},
+    "pyra_low": {"merging.method": "tome", "merging.r": "low", "merging.pyra": True},
+    "pyra_high": {"merging.method": "tome", "merging.r": "high", "merging.pyra": True},
 }
 MERGING_LABELS: dict[str, str] = {
     "none": "no token merging", "tome_low": "ToMe, low compression", "tome_high": "ToMe, high compression",

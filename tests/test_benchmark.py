@@ -362,3 +362,14 @@ def test_speed_tooling_fits_in_a_thousand_lines():
     assert {p.relative_to(ROOT).as_posix() for p in files} >= {"lib/benchmark.py", "scripts/benchmark.py",
                                                                "scripts/speed_table.py", "scripts/speed_gpu.sh"}
     assert sum(len(p.read_text(encoding="utf-8").splitlines()) for p in files) <= 1000
+
+
+@pytest.mark.parametrize("setting", list(MERGING_SETTINGS))
+def test_tome_and_pyra_settings_are_tome_whatever_the_base_config(setting):
+    """A row named none / tome_* / pyra_* means ToMe's merging (or none) also over another method's config."""
+    from lib.config import load_config
+
+    cfg = load_config(ROOT / "configs/vit_b16/lora_fpet_high.yaml", bench.setting_overrides(setting),
+                      model_checks=False)
+    assert cfg.merging.method == "tome" and cfg.merging.pyra == MERGING_SETTINGS[setting]["merging.pyra"]
+    assert cfg.merging.r == MERGING_SETTINGS[setting]["merging.r"]
