@@ -20,23 +20,19 @@ average, so the same code runs in training and evaluation, and PYRA can re-activ
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .reduction import TokenReduction, Tokens
-from .tome import _fp32_scores, max_merge, merge_source, merge_wavg
+from .tome import MergeFn, ToMe, _fp32_scores, max_merge
 
 __all__ = ["PiToMe", "PiToMeOptions", "energy_score", "energy_matching", "pitome_schedule", "BIPARTITE_LAYERS"]
 
 # Which blocks run the bipartite kind (the others protect): "first_half" is the official ViT/DeiT patch (the
 # first ceil(depth / 2) blocks), "second_half" the official MAE patch (the rest), "all" and "none" one kind only.
 BIPARTITE_LAYERS = ("first_half", "second_half", "all", "none")
-
-MergeFn = Callable[..., torch.Tensor]
 
 
 def _number(value: object) -> bool:
@@ -145,39 +141,28 @@ def pitome_schedule(ratio: float, num_tokens: int, depth: int) -> list[int]:
     return schedule
 
 
-class PiToMe(TokenReduction):
-    """One layer of PiToMe: the energy-ordered split of the unprotected tokens, then ToMe's size-weighted merge.
+class PiToMe(ToMe):
+    """One layer of PiToMe: the energy-ordered split of the unprotected tokens, then ToMe's size-weighted merge
+    (ToMe's layer with its own ``match``).
 
     The layer's margin and kind (protecting or bipartite) follow from its position in the model (``depth``,
     told by the model: ``context``) and the options. ``r`` is clamped to half the unprotected tokens. ``pyra``
     (a ``models.pyra`` re-activation, or None) modulates the size-weighted sources before they are summed.
     """
 
-    needs = frozenset({"metric"})
     context = frozenset({"depth"})
     Options = PiToMeOptions
 
     def __init__(self, r: int, protected: int = 1, dim: int = 0, layer: int | None = None,
                  options: PiToMeOptions | None = None, pyra: nn.Module | None = None, *, depth: int) -> None:
-        super().__init__(r, protected, dim, layer, options)
+        super().__init__(r, protected, dim, layer, options, pyra)
         self.depth = int(depth)
         position = 0 if layer is None else int(layer)
         self.margin = layer_margin(self.options.margin, position, self.depth)
         self.bipartite = is_bipartite(self.options.bipartite_layers, position, self.depth)
-        self.register_module("pyra", pyra)
 
-    def max_reduction(self, num_tokens: int) -> int:
-        return max_merge(num_tokens, self.protected)
-
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None, source: torch.Tensor | None, *,
-                trace_source: bool = False, metric: torch.Tensor | None = None) -> Tokens:
-        if self.r <= 0:
-            return x, size, source
-        merge = energy_matching(metric, self.r, self.margin, self.options.alpha, self.bipartite, self.protected)
-        if trace_source:
-            source = merge_source(merge, x, source)
-        x, size = merge_wavg(merge, x, size, pyra=self.pyra)
-        return x, size, source
+    def match(self, metric: torch.Tensor) -> MergeFn:
+        return energy_matching(metric, self.r, self.margin, self.options.alpha, self.bipartite, self.protected)
 
     def extra_repr(self) -> str:
         kind = "bipartite" if self.bipartite else "protecting"

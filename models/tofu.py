@@ -122,7 +122,7 @@ class ToFu(TokenReduction):
         merge, _ = bipartite_soft_matching(metric, self.r, protected=self.protected)
         if self.prunes:
             if trace_source:   # a pruned source's patches leave the map with it
-                source = merge(self._source(x, source), mode="prune")
+                source = merge_source(merge, x, source, mode="prune")
             size = None if size is None else merge(size, mode="prune")
             return merge(x, mode="prune"), size, source
         if trace_source:
@@ -132,13 +132,6 @@ class ToFu(TokenReduction):
         else:
             x, size = merge_wavg(merge, x, size, pyra=self.pyra)
         return x, size, source
-
-    @staticmethod
-    def _source(x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
-        if source is None:
-            n, t, _ = x.shape
-            source = torch.eye(t, device=x.device, dtype=x.dtype)[None].expand(n, t, t)
-        return source
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}, merge_from={self.merge_from}"

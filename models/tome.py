@@ -135,12 +135,14 @@ def merge_wavg(
     return x / size, size
 
 
-def merge_source(merge: MergeFn, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
-    """Track which input patches each token stands for: a B×N×N₀ 0/1 map, merged with ``amax``."""
+def merge_source(merge: MergeFn, x: torch.Tensor, source: torch.Tensor | None = None,
+                 mode: str = "amax") -> torch.Tensor:
+    """Track which input patches each token stands for: a B×N×N₀ 0/1 map, merged with ``amax`` (``"prune"``:
+    a dropped token's patches leave the map)."""
     if source is None:
         n, t, _ = x.shape
         source = torch.eye(t, device=x.device, dtype=x.dtype)[None, ...].expand(n, t, t)
-    return merge(source, mode="amax")
+    return merge(source, mode=mode)
 
 
 Schedule = int | Sequence[int] | tuple[int, float] | Mapping[str, float]
@@ -200,11 +202,16 @@ class ToMe(TokenReduction):
     def max_reduction(self, num_tokens: int) -> int:
         return max_merge(num_tokens, self.protected)
 
+    def match(self, metric: torch.Tensor) -> MergeFn:
+        """Which tokens merge into which: ToMe's bipartite soft matching (a method that only matches
+        differently, PiToMe, overrides this and keeps the merge)."""
+        return bipartite_soft_matching(metric, self.r, protected=self.protected)[0]
+
     def forward(self, x: torch.Tensor, size: torch.Tensor | None, source: torch.Tensor | None, *,
                 trace_source: bool = False, metric: torch.Tensor | None = None) -> Tokens:
         if self.r <= 0:
             return x, size, source
-        merge, _ = bipartite_soft_matching(metric, self.r, protected=self.protected)
+        merge = self.match(metric)
         if trace_source:
             source = merge_source(merge, x, source)
         x, size = merge_wavg(merge, x, size, pyra=self.pyra)

@@ -83,6 +83,23 @@ def train_demo_epoch(digits_root, tmp_path) -> Callable[[str], Path]:
 
 
 @pytest.fixture
+def compiles_and_exports() -> Callable[..., None]:
+    """Check that an eval model goes through ``torch.compile`` in one graph (``fullgraph``; ``backend``: "eager"
+    is dynamo's capture alone, "aot_eager" adds AOT autograd, neither builds C++) and ``torch.export``, both
+    giving the eager output."""
+    import torch
+
+    def check(model, x, backend: str = "eager") -> None:
+        with torch.no_grad():
+            eager = model(x)
+            torch.testing.assert_close(torch.compile(model, backend=backend, fullgraph=True)(x), eager)
+            program = torch.export.export(model, (x,))
+            torch.testing.assert_close(program.module()(x), eager, rtol=1e-6, atol=1e-6)
+
+    return check
+
+
+@pytest.fixture
 def make_vtab_task() -> Callable[..., Path]:
     """Factory fixture around :func:`write_vtab_task`."""
     return write_vtab_task

@@ -251,16 +251,10 @@ def test_search_refuses_fp16_autocast():
 
 # --- torch.compile and torch.export ------------------------------------------------------------------------------
 
-def test_eval_model_compiles_in_one_graph_and_exports():
+def test_eval_model_compiles_in_one_graph_and_exports(compiles_and_exports):
+    # aot_eager: dynamo's capture and AOT autograd without inductor's C++ build (minutes on 2 busy cores)
     model = tiny({"prune_kept": [40, 60], "merge_kept": [30, 2]}, depth=2).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        eager = model(x)
-        # aot_eager: dynamo's capture and AOT autograd without inductor's C++ build (minutes on 2 busy cores)
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager)
-    program = torch.export.export(model, (x,))
-    torch.testing.assert_close(program.module()(x), eager)
+    compiles_and_exports(model, torch.randn(2, 3, 32, 32), backend="aot_eager")
 
 
 # --- config errors -----------------------------------------------------------------------------------------------

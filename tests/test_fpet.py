@@ -238,15 +238,9 @@ def test_lora_and_adapter_compose():
         torch.testing.assert_close(fold_lora(model)(x), unfolded, rtol=1e-5, atol=1e-5)
 
 
-def test_eval_model_through_torch_compile_and_export():
+def test_eval_model_through_torch_compile_and_export(compiles_and_exports):
     torch.manual_seed(0)
-    model = fold_lora(tiny([32, 16, 0]).eval())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        eager = model(x)
-        torch.testing.assert_close(torch.compile(model, backend="eager", fullgraph=True)(x), eager)   # one graph
-        program = torch.export.export(model, (x,))
-        torch.testing.assert_close(program.module()(x), eager, rtol=1e-6, atol=1e-6)
+    compiles_and_exports(fold_lora(tiny([32, 16, 0]).eval()), torch.randn(2, 3, 32, 32))
 
 
 # --- configs and errors -----------------------------------------------------------------------------------

@@ -198,15 +198,9 @@ def test_lora_adapter_and_pyra_compose():
         torch.testing.assert_close(fold_lora(plain)(x), pyra(x), rtol=1e-5, atol=1e-5)
 
 
-def test_eval_model_through_torch_compile_and_export():
+def test_eval_model_through_torch_compile_and_export(compiles_and_exports):
     torch.manual_seed(0)
-    model = fold_lora(tiny([20, 10, 6]).eval())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        eager = model(x)
-        torch.testing.assert_close(torch.compile(model, backend="eager", fullgraph=True)(x), eager)   # one graph
-        program = torch.export.export(model, (x,))
-        torch.testing.assert_close(program.module()(x), eager, rtol=1e-6, atol=1e-6)
+    compiles_and_exports(fold_lora(tiny([20, 10, 6]).eval()), torch.randn(2, 3, 32, 32))
 
 
 # --- configs and errors -----------------------------------------------------------------------------------
