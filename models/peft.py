@@ -59,7 +59,12 @@ class LoRALinear(nn.Linear):
         return lora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_up(self.lora_down(self.lora_dropout(x)))
+        # ``x W + b + up(down(x))`` with no separate sum: the bias rides on the up projection, and the frozen
+        # product accumulates onto that in one ``addmm`` (beta = 1). Same products, so the same FLOP count,
+        # but one fewer full-width tensor written and read per call (README "Speed").
+        update = F.linear(self.lora_down(self.lora_dropout(x)), self.lora_up.weight, self.bias)
+        out = torch.addmm(update.reshape(-1, self.out_features), x.reshape(-1, self.in_features), self.weight.t())
+        return out.view(update.shape)
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:
