@@ -61,7 +61,9 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ``x W + b + up(down(x))`` with no separate sum: the bias rides on the up projection, and the frozen
         # product accumulates onto that in one ``addmm`` (beta = 1). Same products, so the same FLOP count,
-        # but one fewer full-width tensor written and read per call (README "Speed").
+        # but one fewer full-width tensor written and read per call (README "Speed"). ``lora_up``'s weight is
+        # used directly, so its own forward (and a hook on it) does not run; fvcore's per-module table puts
+        # the up projection's FLOPs under this module.
         update = F.linear(self.lora_down(self.lora_dropout(x)), self.lora_up.weight, self.bias)
         out = torch.addmm(update.reshape(-1, self.out_features), x.reshape(-1, self.in_features), self.weight.t())
         return out.view(update.shape)

@@ -30,9 +30,7 @@ from make_profiles import CLASSES, build_official, build_ours  # noqa: E402
 
 SETTINGS = ("plain", "tome_high", "pyra_high")
 BATCH, WARMUP, RUNS, TRAIN_WARMUP, TRAIN_RUNS = 256, 3, 10, 2, 5
-
-
-DEVICE = torch.device("cuda")
+DEVICE = torch.device("cuda")   # main() sets both from --device / --batch
 
 
 def sync() -> None:
@@ -110,12 +108,11 @@ def lora_forms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precisi
 
 def run_side(side: str, official: str | None, main_only: bool = False) -> dict:
     torch.manual_seed(0)
-    dev = DEVICE
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, 3, 224, 224, generator=g).to(dev)
-    y = torch.randint(CLASSES, (BATCH,), generator=g).to(dev)
-    models = {s: (build_official(official, s) if side == "official" else build_ours(s)).to(dev) for s in SETTINGS}
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    x = torch.randn(BATCH, 3, 224, 224, generator=g).to(DEVICE)
+    y = torch.randint(CLASSES, (BATCH,), generator=g).to(DEVICE)
+    models = {s: (build_official(official, s) if side == "official" else build_ours(s)).to(DEVICE) for s in SETTINGS}
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     result = {"side": side, "gpu": name, "torch": torch.__version__, "batch": BATCH}
     import timm
     result["timm"] = timm.__version__
